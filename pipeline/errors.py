@@ -1,0 +1,58 @@
+"""One error hierarchy for the whole pipeline.
+
+A :class:`TerminalError` means "retrying will not help": bad input, a failed gate, a refused promotion.
+A :class:`TransientError` means "the world may be different in a moment": network trouble, a 409 conflict,
+a 5xx answer, a timeout. Flows retry the second kind with backoff and a bound, never the first.
+
+Every message says what went wrong, why, and what to do about it, and never carries a secret.
+"""
+
+from __future__ import annotations
+
+
+class PipelineError(Exception):
+    """Base of every error the pipeline raises on purpose.
+
+    Args:
+        what: one sentence naming what failed.
+        hint: what the user should do about it (optional, appended as "Fix: ...").
+    """
+
+    retryable: bool = False
+
+    def __init__(self, what: str, *, hint: str | None = None) -> None:
+        self.what = what
+        self.hint = hint
+        super().__init__(self.__str__())
+
+    def __str__(self) -> str:
+        if self.hint:
+            return f"{self.what}\nFix: {self.hint}"
+        return self.what
+
+
+class TerminalError(PipelineError):
+    """Bad input or a failed gate: never retried."""
+
+    retryable = False
+
+
+class TransientError(PipelineError):
+    """Network trouble, conflicts, 5xx, timeouts: retried with backoff and a bound."""
+
+    retryable = True
+
+
+class ConfigError(TerminalError):
+    """A configuration file is unreadable or invalid.
+
+    ``problems`` holds one line per finding, each naming the file, the key and what is expected.
+    """
+
+    def __init__(self, path: str, problems: list[str], *, hint: str | None = None) -> None:
+        self.path = path
+        self.problems = list(problems)
+        lines = "\n".join(f"  - {p}" for p in self.problems)
+        count = len(self.problems)
+        noun = "problem" if count == 1 else "problems"
+        super().__init__(f"{path}: {count} configuration {noun}:\n{lines}", hint=hint)
