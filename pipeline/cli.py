@@ -32,7 +32,7 @@ tiny_app = typer.Typer(help="The small trained model used by the demo and the te
 app.add_typer(config_app, name="config")
 app.add_typer(tiny_app, name="tinymodel")
 
-out = Console()
+out = Console(soft_wrap=True)
 err = Console(stderr=True)
 
 JsonFlag = Annotated[bool, typer.Option("--json", help="Print one JSON object instead of tables.")]

@@ -259,13 +259,13 @@ def load(model_dir: str | Path) -> tuple[Any, Any]:
     Raises:
         TerminalError: the directory holds no model.
     """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     if not (Path(model_dir) / "config.json").is_file():
         raise TerminalError(
             f"{model_dir} is not a model directory (no config.json)",
             hint="pass a directory written by `modelctl tinymodel build`",
         )
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     model = AutoModelForCausalLM.from_pretrained(model_dir)
     model.eval()
@@ -278,9 +278,9 @@ def score(model_dir: str | Path, items: list[dict[str, Any]] | None = None) -> d
     Multiple choice compares the log-likelihood of each choice after the prompt (as lm-eval does);
     generation decodes greedily and compares the first word with the answer.
     """
+    model, tokenizer = load(model_dir)
     import torch
 
-    model, tokenizer = load(model_dir)
     items = items or eval_items()
     correct_mc = 0
     with torch.no_grad():

@@ -1,0 +1,71 @@
+"""`modelctl` as a user runs it: exit codes, tables, --json, and errors without tracebacks."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from typer.testing import CliRunner
+
+from pipeline.cli import app
+
+ROOT = Path(__file__).resolve().parent.parent
+runner = CliRunner()
+
+
+def test_config_check_prints_the_resolved_configuration() -> None:
+    result = runner.invoke(app, ["config", "check", str(ROOT / "examples" / "cluster" / "promotion.yaml")])
+    assert result.exit_code == 0, result.output
+    assert "is valid: 2 environment(s), in order staging -> prod" in result.output
+    assert "resolved configuration" in result.output
+    assert "consecutive_passes: 3" in result.output
+
+
+def test_config_check_json() -> None:
+    result = runner.invoke(app, ["config", "check", str(ROOT / "examples" / "local" / "promotion.yaml"), "--json"])
+    assert result.exit_code == 0
+    data = json.loads(result.stdout)
+    assert data["ok"] is True and data["order"] == ["local"]
+    assert data["config"]["environments"]["local"]["executor"] == "local"
+
+
+def test_config_check_reports_errors_with_exit_code_2(tmp_path: Path) -> None:
+    bad = tmp_path / "promotion.yaml"
+    bad.write_text("version: 1\ngitops: {url: ./g}\nenvironments:\n  dev:\n    cache: {root: ./c}\n")
+    result = runner.invoke(app, ["config", "check", str(bad)])
+    assert result.exit_code == 2
+    assert "environments.dev.values_file: is required but missing" in result.output
+    assert "Traceback" not in result.output
+
+    result = runner.invoke(app, ["config", "check", str(bad), "--json"])
+    assert result.exit_code == 2
+    data = json.loads(result.stdout)
+    assert data["ok"] is False and data["error"] == "terminal"
+    assert data["problems"] == [f"{bad}:4: environments.dev.values_file: is required but missing"]
+
+
+def test_tinymodel_build_json_is_a_cache_hit(tiny_model: Path, tmp_path: Path) -> None:
+    result = runner.invoke(app, ["tinymodel", "build", str(tmp_path / "tiny"), "--json"])
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.stdout)
+    assert data["cached"] is True
+    assert data["scores"]["multiple_choice"] >= 0.9
+    assert (tmp_path / "tiny" / "model.safetensors").is_file()
+
+
+def test_tinymodel_score_of_a_non_model_says_so(tmp_path: Path) -> None:
+    result = runner.invoke(app, ["tinymodel", "score", str(tmp_path)])
+    assert result.exit_code == 2
+    assert "is not a model directory" in result.output
+
+
+def test_console_script_is_installed() -> None:
+    script = Path(sys.executable).parent / "modelctl"
+    result = subprocess.run([str(script), "--help"], capture_output=True, text=True, check=False)
+    assert result.returncode == 0
+    assert "tinymodel" in result.stdout and "config" in result.stdout
+    module = subprocess.run([sys.executable, "-m", "pipeline", "version", "--json"], capture_output=True, text=True)
+    assert module.returncode == 0, module.stderr
+    assert json.loads(module.stdout)["torch"].startswith("2.13.0")
