@@ -1,0 +1,52 @@
+"""`modelctl`: parse, call, render. No logic of its own.
+
+One module per area of commands, each with ``register(app)``; the shared rendering (consoles, ``--json``,
+errors, progress bars) lives in ``render.py``. Every command prints a human view by default and one JSON object
+with ``--json``. Pipeline errors print without a traceback: TerminalError exits 2, TransientError exits 75.
+"""
+
+from __future__ import annotations
+
+from importlib import import_module
+
+import typer
+
+from pipeline.cli.render import JsonFlag, emit_json, out
+
+app = typer.Typer(
+    name="modelctl",
+    help="Promote LLM revisions to production with GitOps: quantize, preload, gate, commit, canary, revert.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+
+# Command areas, in the order `modelctl --help` lists them. Add a module here to add its commands.
+AREAS = ("config", "tinymodel")
+
+for _area in AREAS:
+    import_module(f"pipeline.cli.{_area}").register(app)
+
+
+@app.command()
+def version(as_json: JsonFlag = False) -> None:
+    """Print the versions of modelctl and the stack it drives."""
+    from importlib.metadata import PackageNotFoundError
+    from importlib.metadata import version as dist_version
+
+    names = ["modelctl", "torch", "transformers", "llmcompressor", "autoawq", "lm_eval", "prefect", "kubernetes"]
+    found: dict[str, str | None] = {}
+    for name in names:
+        try:
+            found[name] = dist_version(name)
+        except PackageNotFoundError:
+            found[name] = None
+    if as_json:
+        emit_json(found)
+        return
+    for name, value in found.items():
+        out.print(f"{name:14} {value or '-'}")
+
+
+def main() -> None:
+    app()
