@@ -4,10 +4,14 @@ from __future__ import annotations
 
 import os
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
+
+if TYPE_CHECKING:
+    from pipeline.quantize import Artifact
 
 # Prefect reads its settings from the environment: fix them before any test module imports prefect.
 # A temporary PREFECT_HOME keeps the user's profile and database out of the tests; no telemetry; no
@@ -52,3 +56,29 @@ def shared_crds() -> Path:
     if not crds.is_dir():
         pytest.skip(f"official Argo CRDs not found at {crds} (set MODELCTL_SHARED_CRDS to their folder)")
     return crds
+
+
+@pytest.fixture(scope="session")
+def quantized(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Callable[[str, str], Artifact]:
+    """Quantize the small model once per session per (backend, method), with a small calibration set.
+
+    Returns a function ``(backend, method) -> Artifact``; AutoAWQ artifacts are asymmetric (its only format).
+    """
+    from pipeline.quantize import Calibration, Recipe, quantize
+    from pipeline.source import resolve
+
+    out_root = tmp_path_factory.mktemp("artifacts")
+    source = resolve(str(tiny_model))
+    built: dict[tuple[str, str], Artifact] = {}
+
+    def build(backend: str, method: str) -> Artifact:
+        if (backend, method) not in built:
+            recipe = Recipe(
+                method=method,  # type: ignore[arg-type]
+                symmetric=backend != "autoawq",
+                calibration=Calibration(samples=16, max_seq_len=64),
+            )
+            built[(backend, method)] = quantize(source, recipe, out_root, backend)  # type: ignore[arg-type]
+        return built[(backend, method)]
+
+    return build

@@ -1,0 +1,150 @@
+"""The quantize step: a pinned ModelSource + a Recipe -> an immutable Artifact on disk.
+
+The build happens in a temporary directory beside the final one and is renamed into place only when complete,
+with its ``artifact.json`` (source, recipe, tool versions, per-file sha256 and size, timings). If the id already
+exists the step is a skip that reads one JSON file: no model is loaded.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from pipeline.errors import TerminalError
+from pipeline.quantize import backend_autoawq
+from pipeline.quantize.recipe import (
+    MANIFEST,
+    Artifact,
+    ArtifactFile,
+    Backend,
+    Recipe,
+    artifact_id,
+    calibration_sha256,
+    load_calibration,
+    tool_version,
+)
+from pipeline.source import ModelSource, SourcePolicy, fetch
+
+Progress = Callable[[str, float], None]
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def read_artifact(path: Path) -> Artifact:
+    """Load the Artifact described by ``<path>/artifact.json``.
+
+    Raises:
+        TerminalError: there is no readable artifact.json (not an artifact, or an unfinished one).
+    """
+    try:
+        data = json.loads((path / MANIFEST).read_text())
+        return Artifact.model_validate({**data, "path": str(path)})
+    except (OSError, ValueError) as exc:
+        raise TerminalError(
+            f"{path} is not a finished artifact ({MANIFEST} missing or unreadable: {type(exc).__name__})",
+            hint="pass a directory written by `modelctl quantize`",
+        ) from None
+
+
+def check_shapes(model_dir: Path, recipe: Recipe) -> None:
+    """Refuse a model whose linear layers the group size does not divide, before any work.
+
+    Raises:
+        TerminalError: a hidden or intermediate size is not a multiple of the group size.
+    """
+    try:
+        config = json.loads((model_dir / "config.json").read_text())
+    except (OSError, ValueError):
+        raise TerminalError(f"{model_dir} has no readable config.json", hint="point at a transformers model") from None
+    for key in ("hidden_size", "intermediate_size"):
+        size = config.get(key)
+        if isinstance(size, int) and size % recipe.group_size:
+            raise TerminalError(
+                f"{key} {size} is not a multiple of group size {recipe.group_size}",
+                hint="pick a group size that divides it (32, 64 or 128)",
+            )
+
+
+def quantize(
+    source: ModelSource,
+    recipe: Recipe,
+    out_root: Path,
+    backend: Backend = "llmcompressor",
+    *,
+    policy: SourcePolicy | None = None,
+    progress: Progress | None = None,
+) -> Artifact:
+    """Build (or find) the artifact for ``source`` quantized with ``recipe`` under ``out_root/<artifact id>``.
+
+    Raises:
+        TerminalError: the recipe, backend or model cannot work together, or calibration data is missing.
+    """
+    if backend == "autoawq":
+        backend_autoawq.check(recipe)
+    texts = load_calibration(recipe.calibration)
+    calibration_hash = calibration_sha256(texts)
+    ident = artifact_id(source, recipe, backend, calibration_hash)
+    final = out_root / ident
+    if (final / MANIFEST).is_file():
+        existing = read_artifact(final)
+        return existing.model_copy(update={"skipped": True})
+
+    model_dir = fetch(source, policy)
+    check_shapes(model_dir, recipe)
+    out_root.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".building-{ident}-", dir=out_root))
+    started = time.perf_counter()
+    try:
+        if backend == "llmcompressor":
+            from pipeline.quantize import backend_llmcompressor
+
+            fmt = backend_llmcompressor.quantize(model_dir, tmp, recipe, texts, progress)
+        else:
+            fmt = backend_autoawq.quantize(model_dir, tmp, recipe, texts, progress)
+        quantize_seconds = time.perf_counter() - started
+        if progress:
+            progress("hashing the artifact", 0.95)
+        files = [
+            ArtifactFile(name=str(p.relative_to(tmp)), size=p.stat().st_size, sha256=file_sha256(p))
+            for p in sorted(tmp.rglob("*"))
+            if p.is_file()
+        ]
+        artifact = Artifact(
+            id=ident,
+            path=str(final),
+            format=fmt,
+            backend=backend,
+            source=source,
+            recipe=recipe,
+            calibration_sha256=calibration_hash,
+            tool_versions={
+                name: tool_version(name)
+                for name in ("modelctl", "torch", "transformers", "llmcompressor", "compressed-tensors", "autoawq")
+            },
+            files=files,
+            timings={"quantize_s": round(quantize_seconds, 3), "total_s": round(time.perf_counter() - started, 3)},
+        )
+        (tmp / MANIFEST).write_text(artifact.manifest_json())
+        try:
+            os.rename(tmp, final)
+        except OSError:
+            if (final / MANIFEST).is_file():  # another builder finished the same id first: same bytes
+                return read_artifact(final).model_copy(update={"skipped": True})
+            raise
+        if progress:
+            progress("done", 1.0)
+        return artifact
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
