@@ -157,6 +157,20 @@ class GpuPool(Strict):
     resource: str = "nvidia.com/gpu"
 
 
+class JobSettings(Strict):
+    """How pipeline steps run as Kubernetes Jobs on the GPU pool (executor: kubernetes)."""
+
+    service_account: Annotated[str, Field(pattern=K8S_NAME)] = "modelctl"
+    hub_token_secret: Annotated[str, Field(pattern=K8S_NAME)] | None = Field(
+        "hf-token", description="Secret whose key `token` holds the Hub token; None for public models"
+    )
+    backoff_limit: Annotated[int, Field(ge=0)] = 1
+    ttl_seconds_after_finished: Annotated[int, Field(ge=0)] = 3600
+    timeout_s: PositiveFloat = 7200.0
+    cpu: str = "4"
+    memory: str = "32Gi"
+
+
 class EvalPolicy(Strict):
     """Defaults for metrics whose suite entry sets no policy of its own."""
 
@@ -239,6 +253,7 @@ class Environment(Strict):
     rollout: RolloutRef | None = None
     endpoint: str | None = Field(None, description="base URL of the canary Service's OpenAI API")
     image: str | None = Field(None, description="pipeline image for Kubernetes Jobs")
+    jobs: JobSettings = JobSettings()
     cache: Cache
     gpu_pool: GpuPool = GpuPool()
     gates: Gates = Gates()

@@ -26,6 +26,7 @@ def quantize(
     backend: Annotated[Literal["llmcompressor", "autoawq"] | None, typer.Option(help="default: llmcompressor")] = None,
     out_dir: Annotated[Path, typer.Option("--out", help="where artifacts are kept")] = Path("artifacts"),
     samples: Annotated[int | None, typer.Option(help="calibration samples (default: the config's)")] = None,
+    max_seq_len: Annotated[int | None, typer.Option(help="calibration sequence length (default: the config's)")] = None,
     asymmetric: Annotated[bool | None, typer.Option("--asymmetric/--symmetric", help="zero points or not")] = None,
     config: ConfigOption = None,
     as_json: JsonFlag = False,
@@ -41,8 +42,9 @@ def quantize(
         settings = cfg.model.quantization if cfg else Quantization()
         recipe = Recipe.from_config(settings, method)
         updates: dict[str, object] = {}
-        if samples is not None:
-            updates["calibration"] = Calibration(**{**recipe.calibration.model_dump(), "samples": samples})
+        calibration = recipe.calibration.model_dump()
+        calibration.update({k: v for k, v in (("samples", samples), ("max_seq_len", max_seq_len)) if v is not None})
+        updates["calibration"] = Calibration(**calibration)
         if asymmetric is not None:
             updates["symmetric"] = not asymmetric
         recipe = recipe.model_copy(update=updates)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -21,8 +22,9 @@ JsonFlag = Annotated[bool, typer.Option("--json", help="Print one JSON object in
 
 
 def emit_json(data: Any) -> None:
-    """Print ``data`` as the command's one JSON object on stdout."""
-    sys.stdout.write(json.dumps(data, indent=2, default=str) + "\n")
+    """Print ``data`` as the command's one JSON object on stdout (on one line inside a pipeline Job)."""
+    indent = None if os.environ.get("MODELCTL_JSON_ONE_LINE") == "1" else 2
+    sys.stdout.write(json.dumps(data, indent=indent, default=str) + "\n")
 
 
 @contextmanager
