@@ -116,12 +116,11 @@ def warm(work: Path, size_gb: int, repeats: int) -> dict[str, object]:
     for name in files:
         with open(target / name, "wb") as handle:
             handle.truncate(shard)
-    from pipeline.cache import MARKER, _manifest_digest
-    from pipeline.quantize.step import read_artifact
+    from pipeline.cache import MARKER, artifact_plan
 
-    artifact = read_artifact(source)
     shutil.copy2(source / "artifact.json", target / "artifact.json")
-    (target / MARKER).write_text(json.dumps({"manifest_sha256": _manifest_digest(artifact.files), "verified_at": "-"}))
+    marker = {"manifest_sha256": artifact_plan(source).digest(), "verified_at": "-"}
+    (target / MARKER).write_text(json.dumps(marker))
     timings = []
     for _ in range(repeats):
         start = time.perf_counter()

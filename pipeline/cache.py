@@ -6,6 +6,9 @@ records the manifest it was verified against. Each file is copied and hashed in 
 A warm preload (marker present, manifest matching, sizes right) reads no file content, so it takes
 milliseconds whatever the artifact's size. Two preloaders of the same artifact (two pods on one RWX volume)
 serialize on a lock file: the second waits, then finds the work done.
+
+Sources: a local artifact directory (checked against its ``artifact.json``), or a Hub repo at a pinned sha
+(checked against the Hub's sha256 for LFS files and git blob ids for the rest), streamed with HTTP ranges.
 """
 
 from __future__ import annotations
@@ -18,14 +21,17 @@ import shutil
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from fnmatch import fnmatch
 from pathlib import Path
 
 from pydantic import BaseModel
 
-from pipeline.errors import TerminalError
-from pipeline.quantize.recipe import Artifact, ArtifactFile
+from pipeline.errors import TerminalError, TransientError
 from pipeline.quantize.step import read_artifact
+from pipeline.secrets import redact
+from pipeline.source import MODEL_FILE_PATTERNS, ModelSource, SourceFile, SourcePolicy
 
 MARKER = ".complete"
 PARTIAL = ".partial"
@@ -33,6 +39,7 @@ BLOCK = 8 << 20  # 8 MiB: large enough to stream at disk speed, small enough to 
 SPACE_MARGIN = 64 << 20
 
 Progress = Callable[[str, float], None]
+Reader = Callable[[str, int], Iterator[bytes]]  # (file name, offset) -> the file's bytes from there on
 
 
 class CacheEntry(BaseModel):
@@ -48,16 +55,62 @@ class CacheEntry(BaseModel):
     repaired: list[str] = []
 
 
-def _manifest_digest(files: list[ArtifactFile]) -> str:
-    listing = json.dumps([f.model_dump() for f in sorted(files, key=lambda f: f.name)], sort_keys=True)
-    return hashlib.sha256(listing.encode()).hexdigest()
+@dataclass(frozen=True)
+class Expected:
+    """One file the entry must hold, and what proves it intact."""
+
+    name: str
+    size: int
+    sha256: str | None = None
+    git_sha1: str | None = None
+
+
+@dataclass
+class Plan:
+    """What to preload: an id, the files with their checks, how to read them, and extra files to write."""
+
+    entry_id: str
+    files: list[Expected]
+    read: Reader
+    describe: str
+    extra: dict[str, bytes] = field(default_factory=dict)
+
+    @property
+    def total(self) -> int:
+        return sum(f.size for f in self.files)
+
+    def digest(self) -> str:
+        listing = [(f.name, f.size, f.sha256, f.git_sha1) for f in sorted(self.files, key=lambda f: f.name)]
+        return hashlib.sha256(json.dumps(listing).encode()).hexdigest()
+
+
+class _Hashes:
+    """sha256 and, when the Hub only knows a git blob id, git's sha1 of "blob <size>\\0" + content: one pass."""
+
+    def __init__(self, expected: Expected) -> None:
+        self.sha256 = hashlib.sha256()
+        self.sha1 = hashlib.sha1(f"blob {expected.size}\0".encode(), usedforsecurity=False)
+        self.expected = expected
+
+    def update(self, block: bytes) -> None:
+        self.sha256.update(block)
+        if self.expected.git_sha1:
+            self.sha1.update(block)
+
+    def mismatch(self) -> str | None:
+        """None when the content is the expected one, else what differs."""
+        if self.expected.sha256 and self.sha256.hexdigest() != self.expected.sha256:
+            return f"sha256 {self.sha256.hexdigest()[:12]}, expected {self.expected.sha256[:12]}"
+        if self.expected.git_sha1 and self.sha1.hexdigest() != self.expected.git_sha1:
+            return f"git blob {self.sha1.hexdigest()[:12]}, expected {self.expected.git_sha1[:12]}"
+        return None
 
 
 @contextmanager
-def _lock(root: Path, artifact_id: str) -> Iterator[None]:
+def _lock(root: Path, entry_id: str) -> Iterator[None]:
     locks = root / ".locks"
     locks.mkdir(parents=True, exist_ok=True)
-    with open(locks / f"{artifact_id}.lock", "w") as handle:
+    with open(locks / f"{entry_id}.lock", "w") as handle:
         fcntl.flock(handle, fcntl.LOCK_EX)
         try:
             yield
@@ -73,53 +126,174 @@ def _read_marker(target: Path) -> dict[str, object] | None:
     return data if isinstance(data, dict) else None
 
 
-def is_warm(artifact: Artifact, root: Path) -> bool:
-    """True when the cache holds this artifact complete: marker for the same manifest, every size right."""
-    target = root / artifact.id
+def _is_warm(plan: Plan, root: Path) -> bool:
+    target = root / plan.entry_id
     marker = _read_marker(target)
-    if not marker or marker.get("manifest_sha256") != _manifest_digest(artifact.files):
+    if not marker or marker.get("manifest_sha256") != plan.digest():
         return False
-    for f in artifact.files:
-        try:
-            if (target / f.name).stat().st_size != f.size:
-                return False
-        except OSError:
-            return False
-    return True
+    try:
+        return all((target / f.name).stat().st_size == f.size for f in plan.files)
+    except OSError:
+        return False
 
 
-def _hash_file(path: Path) -> str:
-    digest = hashlib.sha256()
+def _file_matches(path: Path, expected: Expected) -> bool:
+    if path.stat().st_size != expected.size:
+        return False
+    hashes = _Hashes(expected)
     with open(path, "rb") as handle:
         while block := handle.read(BLOCK):
-            digest.update(block)
-    return digest.hexdigest()
+            hashes.update(block)
+    return hashes.mismatch() is None
 
 
-def _copy_hashing(src: Path, dest: Path, on_bytes: Callable[[int], None]) -> str:
-    """Copy ``src`` to ``dest`` through ``dest.partial``, resuming a partial copy; returns the sha256."""
+def _fetch(plan: Plan, expected: Expected, dest: Path, on_bytes: Callable[[int], None]) -> str | None:
+    """Fetch one file into ``dest`` through ``dest.partial`` (resuming it); returns a mismatch or None."""
     partial = dest.with_name(dest.name + PARTIAL)
-    digest = hashlib.sha256()
-    done = 0
-    if partial.exists():
-        with open(partial, "rb") as handle:  # re-hash what an earlier run already copied
+    hashes, done = _Hashes(expected), 0
+    if partial.exists() and partial.stat().st_size <= expected.size:
+        with open(partial, "rb") as handle:  # re-hash what an earlier run already fetched
             while block := handle.read(BLOCK):
-                digest.update(block)
+                hashes.update(block)
                 done += len(block)
-        if done > src.stat().st_size:
-            partial.unlink()
-            digest, done = hashlib.sha256(), 0
+    else:
+        partial.unlink(missing_ok=True)
     on_bytes(done)
-    with open(src, "rb") as reader, open(partial, "ab") as writer:
-        reader.seek(done)
-        while block := reader.read(BLOCK):
+    with open(partial, "ab") as writer:
+        for block in plan.read(expected.name, done):
             writer.write(block)
-            digest.update(block)
+            hashes.update(block)
             on_bytes(len(block))
         writer.flush()
         os.fsync(writer.fileno())
-    os.replace(partial, dest)
-    return digest.hexdigest()
+    problem = hashes.mismatch()
+    if problem is None:
+        os.replace(partial, dest)
+    else:
+        partial.unlink()
+    return problem
+
+
+def _check_space(plan: Plan, root: Path, target: Path) -> None:
+    """Refuse before writing when the files still to fetch will not fit.
+
+    Raises:
+        TerminalError: not enough free space, with the numbers.
+    """
+    needed = 0
+    for f in plan.files:
+        dest = target / f.name
+        partial = dest.with_name(dest.name + PARTIAL)
+        have = sum(p.stat().st_size for p in (dest, partial) if p.exists())
+        needed += max(0, f.size - have)
+    free = shutil.disk_usage(root).free
+    if needed + SPACE_MARGIN > free:
+        gib = 1 << 30
+        raise TerminalError(
+            f"the cache at {root} has {free / gib:.2f} GiB free but {plan.entry_id} needs {needed / gib:.2f} GiB "
+            f"more (plus {SPACE_MARGIN >> 20} MiB headroom)",
+            hint="free space on the cache volume (remove unused artifacts) or enlarge the PVC",
+        )
+
+
+def _run(plan: Plan, root: Path, verify: bool, progress: Progress | None) -> CacheEntry:
+    target = root / plan.entry_id
+    if not verify and _is_warm(plan, root):
+        return _entry(plan, target, skipped=True)
+    root.mkdir(parents=True, exist_ok=True)
+    with _lock(root, plan.entry_id):
+        if not verify and _is_warm(plan, root):  # another preloader finished while we waited
+            return _entry(plan, target, skipped=True)
+        _check_space(plan, root, target)
+        started = time.perf_counter()
+        (target / MARKER).unlink(missing_ok=True)  # incomplete from here until it is marked again
+        target.mkdir(parents=True, exist_ok=True)
+        copied, repaired, moved = [], [], 0
+
+        def on_bytes(count: int) -> None:
+            nonlocal moved
+            moved += count
+            if progress:
+                progress(f"preloading {plan.entry_id}", min(1.0, moved / max(plan.total, 1)))
+
+        for f in plan.files:
+            dest = target / f.name
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            if dest.exists():
+                if _file_matches(dest, f):
+                    on_bytes(f.size)
+                    continue
+                repaired.append(f.name)
+                dest.unlink()
+            problem = _fetch(plan, f, dest, on_bytes)
+            if problem is not None:
+                raise TerminalError(
+                    f"{f.name} from {plan.describe} does not match its manifest ({problem}): the source is damaged",
+                    hint="rebuild or re-upload it; nothing was marked complete in the cache",
+                )
+            if f.name not in repaired:
+                copied.append(f.name)
+        for name, content in plan.extra.items():
+            (target / name).write_bytes(content)
+        verified_at = datetime.now(UTC).isoformat(timespec="seconds")
+        marker = {
+            "artifact_id": plan.entry_id,
+            "manifest_sha256": plan.digest(),
+            "verified_at": verified_at,
+            "seconds": round(time.perf_counter() - started, 3),
+        }
+        (target / f"{MARKER}.tmp").write_text(json.dumps(marker, indent=2) + "\n")
+        os.replace(target / f"{MARKER}.tmp", target / MARKER)
+    return _entry(plan, target, copied=copied, repaired=repaired, verified_at=verified_at)
+
+
+def _entry(
+    plan: Plan,
+    target: Path,
+    *,
+    skipped: bool = False,
+    copied: list[str] | None = None,
+    repaired: list[str] | None = None,
+    verified_at: str | None = None,
+) -> CacheEntry:
+    if verified_at is None:
+        verified_at = str((_read_marker(target) or {}).get("verified_at", ""))
+    return CacheEntry(
+        artifact_id=plan.entry_id,
+        path=str(target),
+        verified_at=verified_at,
+        bytes=plan.total,
+        files=len(plan.files),
+        skipped=skipped,
+        copied=copied or [],
+        repaired=repaired or [],
+    )
+
+
+def _local_reader(directory: Path) -> Reader:
+    def read(name: str, offset: int) -> Iterator[bytes]:
+        with open(directory / name, "rb") as handle:
+            handle.seek(offset)
+            while block := handle.read(BLOCK):
+                yield block
+
+    return read
+
+
+def artifact_plan(artifact_dir: Path) -> Plan:
+    """The preload plan of a local artifact: its files, checked against its artifact.json.
+
+    Raises:
+        TerminalError: the directory holds no finished artifact.
+    """
+    artifact = read_artifact(artifact_dir)
+    return Plan(
+        entry_id=artifact.id,
+        files=[Expected(f.name, f.size, sha256=f.sha256) for f in artifact.files],
+        read=_local_reader(artifact_dir),
+        describe=str(artifact_dir),
+        extra={"artifact.json": (artifact_dir / "artifact.json").read_bytes()},
+    )
 
 
 def preload(
@@ -132,103 +306,71 @@ def preload(
     Raises:
         TerminalError: not an artifact, a source file differs from its manifest, or the cache lacks space.
     """
-    artifact = read_artifact(artifact_dir)
-    started = time.perf_counter()
-    total = sum(f.size for f in artifact.files)
-    target = cache_root / artifact.id
-    if not verify and is_warm(artifact, cache_root):
-        return _entry(artifact, target, total, skipped=True)
-    cache_root.mkdir(parents=True, exist_ok=True)
-    with _lock(cache_root, artifact.id):
-        if not verify and is_warm(artifact, cache_root):  # another preloader finished while we waited
-            return _entry(artifact, target, total, skipped=True)
-        _check_space(artifact, cache_root, target)
-        (target / MARKER).unlink(missing_ok=True)  # from here on the entry is incomplete until re-marked
-        target.mkdir(parents=True, exist_ok=True)
-        copied, repaired, moved = [], [], 0
-
-        def on_bytes(count: int) -> None:
-            nonlocal moved
-            moved += count
-            if progress:
-                progress(f"preloading {artifact.id}", min(1.0, moved / max(total, 1)))
-
-        for f in artifact.files:
-            dest = target / f.name
-            dest.parent.mkdir(parents=True, exist_ok=True)
-            if dest.exists():
-                if dest.stat().st_size == f.size and _hash_file(dest) == f.sha256:
-                    on_bytes(f.size)
-                    continue
-                repaired.append(f.name)
-                dest.unlink()
-            digest = _copy_hashing(artifact_dir / f.name, dest, on_bytes)
-            if digest != f.sha256:
-                dest.unlink()
-                raise TerminalError(
-                    f"{artifact_dir / f.name} does not match its manifest (sha256 {digest[:12]}, "
-                    f"expected {f.sha256[:12]}): the artifact itself is damaged",
-                    hint="rebuild it with `modelctl quantize` (delete the artifact directory first)",
-                )
-            if f.name not in repaired:
-                copied.append(f.name)
-        shutil.copy2(artifact_dir / "artifact.json", target / "artifact.json")
-        verified_at = datetime.now(UTC).isoformat(timespec="seconds")
-        marker = {
-            "artifact_id": artifact.id,
-            "manifest_sha256": _manifest_digest(artifact.files),
-            "verified_at": verified_at,
-            "seconds": round(time.perf_counter() - started, 3),
-        }
-        tmp_marker = target / f"{MARKER}.tmp"
-        tmp_marker.write_text(json.dumps(marker, indent=2) + "\n")
-        os.replace(tmp_marker, target / MARKER)
-    return _entry(artifact, target, total, copied=copied, repaired=repaired, verified_at=verified_at)
+    return _run(artifact_plan(artifact_dir), cache_root, verify, progress)
 
 
-def _check_space(artifact: Artifact, root: Path, target: Path) -> None:
-    """Refuse before writing when the files still to copy will not fit.
+def hub_entry_id(source: ModelSource) -> str:
+    """The cache id of a Hub repo taken as it is: ``hub--org--name--<sha12>``."""
+    return f"hub--{source.repo.replace('/', '--')}--{source.sha[:12]}"
+
+
+def _hub_reader(source: ModelSource, policy: SourcePolicy) -> Reader:
+    import httpx
+    from huggingface_hub import hf_hub_url
+    from huggingface_hub.utils import build_hf_headers
+
+    endpoint = os.environ.get("HF_ENDPOINT") or None
+    headers = build_hf_headers(token=os.environ.get(policy.token_env) or False)
+
+    def read(name: str, offset: int) -> Iterator[bytes]:
+        url = hf_hub_url(source.repo, name, revision=source.sha, endpoint=endpoint)
+        ranged = {**headers, "Range": f"bytes={offset}-"} if offset else headers
+        try:
+            with httpx.stream("GET", url, headers=ranged, follow_redirects=True, timeout=60) as response:
+                if response.status_code >= 400:
+                    kind = (
+                        TransientError if response.status_code >= 500 or response.status_code == 429 else TerminalError
+                    )
+                    raise kind(f"the Hub answered {response.status_code} for {source.ref} {name}")
+                if offset and response.status_code != 206:
+                    raise TransientError(f"the Hub ignored the range request for {name}; retry to start it over")
+                yield from response.iter_bytes(BLOCK)
+        except httpx.HTTPError as exc:
+            raise TransientError(f"download of {source.ref} {name} broke off: {redact(str(exc))[:200]}") from None
+
+    return read
+
+
+def preload_hub(
+    source: ModelSource,
+    cache_root: Path,
+    *,
+    policy: SourcePolicy | None = None,
+    verify: bool = False,
+    progress: Progress | None = None,
+) -> CacheEntry:
+    """Put a Hub repo, at its pinned sha, into ``cache_root/hub--org--name--<sha12>/``, verifying every file.
 
     Raises:
-        TerminalError: not enough free space, with the numbers.
+        TerminalError: the source is not a Hub repo, a file has no size, or a file does not match.
+        TransientError: the download broke off (a re-run resumes it).
     """
-    needed = 0
-    for f in artifact.files:
-        dest = target / f.name
-        have = dest.stat().st_size if dest.exists() else 0
-        partial = dest.with_name(dest.name + PARTIAL)
-        have += partial.stat().st_size if partial.exists() else 0
-        needed += max(0, f.size - have)
-    free = shutil.disk_usage(root).free
-    if needed + SPACE_MARGIN > free:
-        gib = 1 << 30
-        raise TerminalError(
-            f"the cache at {root} has {free / gib:.2f} GiB free but {artifact.id} needs {needed / gib:.2f} GiB "
-            f"more (plus {SPACE_MARGIN >> 20} MiB headroom)",
-            hint="free space on the cache volume (remove unused artifacts) or enlarge the PVC",
-        )
+    if source.kind != "hub":
+        raise TerminalError(f"{source.ref} is not a Hub repo", hint="preload local artifacts by their directory")
 
+    def wanted(f: SourceFile) -> bool:
+        return any(fnmatch(f.name, pattern) for pattern in MODEL_FILE_PATTERNS)
 
-def _entry(
-    artifact: Artifact,
-    target: Path,
-    total: int,
-    *,
-    skipped: bool = False,
-    copied: list[str] | None = None,
-    repaired: list[str] | None = None,
-    verified_at: str | None = None,
-) -> CacheEntry:
-    if verified_at is None:
-        marker = _read_marker(target) or {}
-        verified_at = str(marker.get("verified_at", ""))
-    return CacheEntry(
-        artifact_id=artifact.id,
-        path=str(target),
-        verified_at=verified_at,
-        bytes=total,
-        files=len(artifact.files),
-        skipped=skipped,
-        copied=copied or [],
-        repaired=repaired or [],
+    files = []
+    for f in filter(wanted, source.files):
+        if f.size is None:
+            raise TerminalError(f"the Hub gave no size for {source.ref} {f.name}", hint="retry, or report it")
+        files.append(Expected(f.name, f.size, sha256=f.sha256, git_sha1=f.git_sha1))
+    plan = Plan(
+        entry_id=hub_entry_id(source),
+        files=files,
+        read=_hub_reader(source, policy or SourcePolicy()),
+        describe=source.ref,
+        extra={"source.json": (source.model_dump_json(indent=2) + "\n").encode()},
     )
+    return _run(plan, cache_root, verify, progress)

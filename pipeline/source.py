@@ -20,7 +20,7 @@ import re
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field
 
 from pipeline.errors import TerminalError, TransientError
 from pipeline.secrets import redact
@@ -49,6 +49,7 @@ class SourceFile(BaseModel):
     name: str
     size: int | None = None
     sha256: str | None = None
+    git_sha1: str | None = Field(None, description="the git blob id (the Hub's check for files not in LFS)")
 
 
 class ModelSource(BaseModel):
@@ -202,7 +203,12 @@ def _resolve_hub(repo: str, revision: str | None, policy: SourcePolicy) -> Model
     if not SHA40.match(sha):
         raise TransientError(f"the Hub gave no commit sha for {repo}@{revision or 'main'}", hint="retry later")
     files = [
-        SourceFile(name=s.rfilename, size=s.lfs.size if s.lfs else s.size, sha256=s.lfs.sha256 if s.lfs else None)
+        SourceFile(
+            name=s.rfilename,
+            size=s.lfs.size if s.lfs else s.size,
+            sha256=s.lfs.sha256 if s.lfs else None,
+            git_sha1=None if s.lfs else s.blob_id,
+        )
         for s in info.siblings or []
     ]
     config = None

@@ -13,8 +13,11 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 from typing import Any
 from urllib.parse import unquote, urlparse
+
+import pytest
 
 
 @dataclass
@@ -25,6 +28,7 @@ class FakeRepo:
     gated: bool | str = False
     license: str | None = "apache-2.0"
     lfs: tuple[str, ...] = (".safetensors", ".bin")
+    served: dict[str, bytes] = field(default_factory=dict)  # what downloads get instead, to fake corruption
 
     def revision_sha(self, revision: str) -> str | None:
         if revision == self.sha or revision in self.branches.values():
@@ -42,8 +46,12 @@ class FakeHub:
     requests: list[tuple[str, str, str | None]] = field(default_factory=list)
 
 
+def _git_blob(content: bytes) -> str:
+    return hashlib.sha1(f"blob {len(content)}\0".encode() + content).hexdigest()
+
+
 def _sibling(name: str, content: bytes, repo: FakeRepo) -> dict[str, Any]:
-    entry: dict[str, Any] = {"rfilename": name, "size": len(content), "blobId": hashlib.sha1(content).hexdigest()}
+    entry: dict[str, Any] = {"rfilename": name, "size": len(content), "blobId": _git_blob(content)}
     if name.endswith(repo.lfs):
         entry["lfs"] = {"size": len(content), "sha256": hashlib.sha256(content).hexdigest(), "pointerSize": 134}
     return entry
@@ -146,12 +154,17 @@ def _handler(hub: FakeHub) -> type[BaseHTTPRequestHandler]:
             if content is None:
                 self._error(404, "EntryNotFound", f"{filename} not found")
                 return
-            etag = (
-                hashlib.sha256(content).hexdigest()
-                if filename.endswith(repo.lfs)
-                else hashlib.sha1(content).hexdigest()
-            )
-            self._send(200, content, {"X-Repo-Commit": sha, "ETag": f'"{etag}"'})
+            lfs = filename.endswith(repo.lfs)
+            etag = hashlib.sha256(content).hexdigest() if lfs else _git_blob(content)
+            headers = {"X-Repo-Commit": sha, "ETag": f'"{etag}"'}
+            body = repo.served.get(filename, content)
+            ranged = self.headers.get("Range", "")
+            if ranged.startswith("bytes=") and ranged.endswith("-"):
+                start = int(ranged[6:-1])
+                headers["Content-Range"] = f"bytes {start}-{len(body) - 1}/{len(body)}"
+                self._send(206, body[start:], headers)
+                return
+            self._send(200, body, headers)
 
         do_GET = _route
         do_HEAD = _route
@@ -170,3 +183,17 @@ def serve_hub(hub: FakeHub) -> Iterator[str]:
     finally:
         server.shutdown()
         server.server_close()
+
+
+@pytest.fixture
+def fake_hub(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Iterator[FakeHub]:
+    """An empty fake Hub at HF_ENDPOINT, with the offline switch lifted for this test only."""
+    from huggingface_hub import constants
+
+    fake = FakeHub()
+    with serve_hub(fake) as url:
+        monkeypatch.setenv("HF_ENDPOINT", url)
+        monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hf-cache"))
+        monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+        monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hf-cache"))
+        yield fake

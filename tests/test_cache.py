@@ -4,15 +4,18 @@ from __future__ import annotations
 
 import shutil
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 
 from pipeline import cache
-from pipeline.cache import MARKER, preload
+from pipeline.cache import MARKER, preload, preload_hub
 from pipeline.errors import TerminalError
 from pipeline.quantize import Artifact
+from pipeline.source import ModelSource, resolve
+from tests.hubserver import FakeHub, FakeRepo
+from tests.hubserver import fake_hub as fake_hub
 
 Build = Callable[[str, str], Artifact]
 
@@ -63,32 +66,31 @@ def test_truncated_file_is_refetched_without_verify(artifact: Path, tmp_path: Pa
     assert weights(root, artifact).read_bytes() == (artifact / "model.safetensors").read_bytes()
 
 
-def test_partial_copy_is_resumed(artifact: Path, tmp_path: Path) -> None:
+def test_partial_copy_is_resumed(artifact: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     root = tmp_path / "cache"
     source = (artifact / "model.safetensors").read_bytes()
     target_dir = root / artifact.name
     target_dir.mkdir(parents=True)
     (target_dir / "model.safetensors.partial").write_bytes(source[: len(source) // 3])
-    reads: list[int] = []
-    original = cache._copy_hashing
+    offsets: dict[str, int] = {}
+    real_reader = cache._local_reader
 
-    def spy(src: Path, dest: Path, on_bytes: Callable[[int], None]) -> str:
-        def count(n: int) -> None:
-            reads.append(n)
-            on_bytes(n)
+    def spying_reader(directory: Path) -> cache.Reader:
+        read = real_reader(directory)
 
-        return original(src, dest, count)
+        def spy(name: str, offset: int) -> Iterator[bytes]:
+            offsets[name] = offset
+            return read(name, offset)
 
-    cache._copy_hashing = spy  # type: ignore[assignment]
-    try:
-        entry = preload(artifact, root)
-    finally:
-        cache._copy_hashing = original  # type: ignore[assignment]
+        return spy
+
+    monkeypatch.setattr(cache, "_local_reader", spying_reader)
+    entry = preload(artifact, root)
     assert not entry.skipped
+    assert offsets["model.safetensors"] == len(source) // 3, "the partial prefix was kept, not fetched again"
+    assert offsets["config.json"] == 0
     assert weights(root, artifact).read_bytes() == source
     assert not (target_dir / "model.safetensors.partial").exists()
-    assert reads[0] == len(source) // 3, "the partial prefix was kept, not copied again"
-    assert sum(reads) == len(source)
 
 
 def test_damaged_source_artifact_is_refused_and_not_marked(artifact: Path, tmp_path: Path) -> None:
@@ -137,3 +139,49 @@ def test_not_an_artifact(tmp_path: Path) -> None:
     with pytest.raises(TerminalError, match="is not a finished artifact"):
         preload(tmp_path, tmp_path / "cache")
     assert not (tmp_path / "cache").exists()
+
+
+WEIGHTS = bytes(range(256)) * 4096  # 1 MiB
+
+
+def hub_model(fake_hub: FakeHub, **served: bytes) -> ModelSource:
+    fake_hub.repos["org/quantized-awq"] = FakeRepo(
+        sha="c" * 40,
+        files={"config.json": b'{"hidden_size": 256}', "model.safetensors": WEIGHTS, "README.md": b"# card"},
+        served=served,
+    )
+    return resolve("org/quantized-awq")
+
+
+def test_hub_repo_preload_verifies_lfs_and_git_blobs(fake_hub: FakeHub, tmp_path: Path) -> None:
+    source = hub_model(fake_hub)
+    entry = preload_hub(source, tmp_path / "cache")
+    target = Path(entry.path)
+    assert target.name == "hub--org--quantized-awq--cccccccccccc"
+    assert (target / "model.safetensors").read_bytes() == WEIGHTS
+    assert sorted(entry.copied) == ["config.json", "model.safetensors"]  # README is not a model file
+    assert preload_hub(source, tmp_path / "cache").skipped
+
+
+def test_hub_download_is_resumed_with_a_range_request(fake_hub: FakeHub, tmp_path: Path) -> None:
+    source = hub_model(fake_hub)
+    target = tmp_path / "cache" / "hub--org--quantized-awq--cccccccccccc"
+    target.mkdir(parents=True)
+    (target / "model.safetensors.partial").write_bytes(WEIGHTS[:300_000])
+    preload_hub(source, tmp_path / "cache")
+    assert (target / "model.safetensors").read_bytes() == WEIGHTS
+    weight_requests = [r for r in fake_hub.requests if r[1].endswith("model.safetensors")]
+    assert len(weight_requests) == 1
+
+
+def test_corrupted_hub_download_is_refused(fake_hub: FakeHub, tmp_path: Path) -> None:
+    broken = bytearray(WEIGHTS)
+    broken[1000] ^= 0xFF
+    source = hub_model(fake_hub, **{"model.safetensors": bytes(broken)})
+    with pytest.raises(TerminalError, match=r"model\.safetensors from org/quantized-awq@c{12} does not match"):
+        preload_hub(source, tmp_path / "cache")
+    target = tmp_path / "cache" / "hub--org--quantized-awq--cccccccccccc"
+    assert not (target / MARKER).exists() and not (target / "model.safetensors").exists()
+    fake_hub.repos["org/quantized-awq"].served = {"config.json": b'{"hidden_size": 257}'}
+    with pytest.raises(TerminalError, match="git blob"):  # a non-LFS file is checked by its git blob id
+        preload_hub(source, tmp_path / "other-cache")

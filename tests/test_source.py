@@ -5,14 +5,14 @@ from __future__ import annotations
 import json
 import logging
 import shutil
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from pipeline.errors import TerminalError, TransientError
 from pipeline.source import SourcePolicy, fetch, resolve
-from tests.hubserver import FakeHub, FakeRepo, serve_hub
+from tests.hubserver import FakeHub, FakeRepo
+from tests.hubserver import fake_hub as fake_hub
 
 SHA = "a" * 40
 OLD_SHA = "b" * 40
@@ -24,19 +24,11 @@ def repo(**files: bytes) -> FakeRepo:
 
 
 @pytest.fixture
-def hub(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Iterator[FakeHub]:
-    """A fake Hub at HF_ENDPOINT, with the offline switch lifted for this test only."""
-    from huggingface_hub import constants
-
-    fake = FakeHub()
-    fake.repos["org/good"] = repo(config__json=CONFIG, model__safetensors=b"weights" * 100)
-    fake.repos["org/good"].branches = {"main": SHA, "v1": OLD_SHA}
-    with serve_hub(fake) as url:
-        monkeypatch.setenv("HF_ENDPOINT", url)
-        monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hf-cache"))
-        monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
-        monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hf-cache"))
-        yield fake
+def hub(fake_hub: FakeHub) -> FakeHub:
+    """The fake Hub, holding org/good at two revisions."""
+    fake_hub.repos["org/good"] = repo(config__json=CONFIG, model__safetensors=b"weights" * 100)
+    fake_hub.repos["org/good"].branches = {"main": SHA, "v1": OLD_SHA}
+    return fake_hub
 
 
 def test_local_directory_is_pinned_by_content(tiny_model: Path, tmp_path: Path) -> None:

@@ -69,16 +69,21 @@ def quantize(
 
 
 def preload(
-    artifact: Annotated[Path, typer.Argument(help="an artifact directory (with artifact.json)")],
+    artifact: Annotated[str, typer.Argument(help="an artifact directory (with artifact.json), or org/name[@rev]")],
     cache_root: Annotated[Path, typer.Option("--cache-root", help="the cache volume's mount path")],
     verify: Annotated[bool, typer.Option(help="re-hash a warm entry too (finds silent corruption)")] = False,
     as_json: JsonFlag = False,
 ) -> None:
-    """Copy an artifact onto the cache volume, verifying every file; a warm cache is a skip."""
+    """Copy an artifact (or a Hub repo at a pinned sha) onto the cache volume, verifying every file."""
     from pipeline.cache import preload as run
+    from pipeline.cache import preload_hub
+    from pipeline.source import looks_local, resolve
 
     with errors(as_json), progress(not as_json) as bar:
-        entry = run(artifact, cache_root, verify=verify, progress=bar)
+        if looks_local(artifact):
+            entry = run(Path(artifact), cache_root, verify=verify, progress=bar)
+        else:
+            entry = preload_hub(resolve(artifact), cache_root, verify=verify, progress=bar)
     if as_json:
         emit_json(entry.model_dump(mode="json"))
         return
