@@ -6,7 +6,7 @@ import json
 import os
 import sys
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, redirect_stdout
 from typing import Annotated, Any
 
 import typer
@@ -50,9 +50,14 @@ def errors(as_json: bool) -> Iterator[None]:
 
 @contextmanager
 def progress(enabled: bool) -> Iterator[Callable[[str, float], None] | None]:
-    """A rich progress bar fed by a library callback ``(message, fraction)``; silent under --json."""
+    """A rich progress bar fed by a library callback ``(message, fraction)``.
+
+    Under --json there is no bar, and whatever the libraries print meanwhile goes to stderr, so stdout carries
+    nothing but the command's one JSON object.
+    """
     if not enabled:
-        yield None
+        with redirect_stdout(sys.stderr):
+            yield None
         return
     columns = (TextColumn("{task.description}"), BarColumn(), TextColumn("{task.percentage:>3.0f}%"))
     with Progress(*columns, TimeElapsedColumn(), console=err, transient=True) as bar:
