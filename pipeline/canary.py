@@ -1,0 +1,190 @@
+"""After the commit: see Argo CD apply it, walk the canary step by step with checks, and revert on any failure.
+
+The decisions are :func:`pipeline.rollout.decide`'s; the API calls are :class:`pipeline.kube.Kube`'s; the Git
+side is :class:`pipeline.gitops.GitOps`'s. This module only sequences them and keeps the evidence:
+
+    deploy:  refresh Argo CD -> wait until the exact commit is live -> walk the canary -> RolloutOutcome
+    revert:  abort the Rollout (traffic back to stable at once) -> git revert + push -> refresh Argo CD
+             -> wait until the revert is live and the Rollout is Healthy on the old template
+
+If the revert itself fails, the Rollout stays aborted (users are on the stable version) and the error says
+exactly what a person must do to make Git agree with the cluster.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from typing import Literal
+
+from pydantic import BaseModel, Field
+
+from pipeline.config import Environment
+from pipeline.errors import PipelineError, TerminalError
+from pipeline.gates import GateResult
+from pipeline.gitops import GitOps
+from pipeline.kube import Kube
+from pipeline.rollout import Abort, Done, ObservedRollout, Promote, Wait, decide
+
+Check = Callable[[ObservedRollout], GateResult]
+Clock = Callable[[], float]
+
+
+class StepEvent(BaseModel):
+    """One thing the driver did, with why: what the record's canary table shows."""
+
+    at: str
+    action: Literal["synced", "check", "promote", "abort", "done", "revert"]
+    reason: str
+    seconds: float
+
+
+class RevertResult(BaseModel):
+    """How a revert went, with the time of each stage measured from the failure."""
+
+    promotion_id: str
+    revert_commit: str
+    aborted: bool = Field(description="whether an update was in flight, so the Rollout was aborted first")
+    pushed: bool
+    timings: dict[str, float] = Field(default_factory=dict)
+
+
+class RolloutOutcome(BaseModel):
+    """Where a promotion ended after the commit: done, or reverted (and why)."""
+
+    final: Literal["done", "reverted"]
+    reason: str
+    steps: list[StepEvent] = Field(default_factory=list)
+    revert: RevertResult | None = None
+
+
+def _require_cluster(env_name: str, env: Environment) -> None:
+    """Raises: TerminalError when the environment has no Argo CD application or Rollout to drive."""
+    if env.argocd is None or env.rollout is None:
+        raise TerminalError(
+            f"environment {env_name} has no Argo CD application or Rollout: the canary needs a cluster",
+            hint="set argocd and rollout for it in promotion.yaml (see examples/cluster/promotion.yaml)",
+        )
+
+
+def walk(
+    kube: Kube, env_name: str, env: Environment, check: Check, started: float, events: list[StepEvent]
+) -> Abort | Done:
+    """Step the canary until it is done or must be aborted: check at each pause, promote after N passes."""
+    _require_cluster(env_name, env)
+    assert env.rollout is not None
+    policy = env.canary
+    checks: list[GateResult] = []
+    step: int | None = -1
+    step_since = kube.clock()
+    while True:
+        seen = kube.rollout(env.rollout)
+        if seen.step_index != step:
+            step, checks, step_since = seen.step_index, [], kube.clock()
+        action = decide(seen, policy, checks, step_elapsed_s=kube.clock() - step_since)
+        elapsed = round(kube.clock() - started, 3)
+        if isinstance(action, Wait):
+            if action.check:
+                result = check(seen)
+                checks.append(result)
+                events.append(StepEvent(at=seen.step, action="check", reason=result.summary(), seconds=elapsed))
+                if result.verdict != "fail":
+                    kube.sleep(policy.check_interval_s)
+            else:
+                kube.sleep(action.after_s)
+            continue
+        if isinstance(action, Promote):
+            kube.promote(env.rollout)
+            events.append(StepEvent(at=seen.step, action="promote", reason=action.reason, seconds=elapsed))
+            checks = []
+            continue
+        events.append(StepEvent(at=seen.step, action=action.kind, reason=action.reason, seconds=elapsed))
+        return action
+
+
+def deploy(
+    kube: Kube,
+    gitops: GitOps,
+    env_name: str,
+    env: Environment,
+    commit: str,
+    promotion_id: str,
+    check: Check,
+) -> RolloutOutcome:
+    """Make ``commit`` live through Argo CD and walk its canary; on any failure, revert.
+
+    Raises:
+        TerminalError: the revert itself failed (the message says what is left to do by hand).
+    """
+    _require_cluster(env_name, env)
+    assert env.argocd is not None
+    started = kube.clock()
+    events: list[StepEvent] = []
+    kube.request_refresh(env.argocd)  # do not wait for Argo CD's 2-3 minute poll
+    try:
+        kube.wait_synced(env.argocd, commit, env.canary.sync_timeout_s)
+        events.append(
+            StepEvent(at="sync", action="synced", reason=f"{commit[:12]} is live", seconds=kube.clock() - started)
+        )
+        action = walk(kube, env_name, env, check, started, events)
+    except PipelineError as exc:
+        action = Abort(f"{exc.what}")
+    if isinstance(action, Done):
+        return RolloutOutcome(final="done", reason=action.reason, steps=events)
+    result = revert(kube, gitops, env_name, env, promotion_id, action.reason)
+    events.append(
+        StepEvent(at="revert", action="revert", reason=f"reverted: {action.reason}", seconds=kube.clock() - started)
+    )
+    return RolloutOutcome(final="reverted", reason=action.reason, steps=events, revert=result)
+
+
+def revert(
+    kube: Kube,
+    gitops: GitOps,
+    env_name: str,
+    env: Environment,
+    promotion_id: str,
+    reason: str,
+    clock: Clock = time.perf_counter,
+) -> RevertResult:
+    """Abort first (traffic to stable now), then revert in Git, push, refresh, and wait for Healthy.
+
+    Raises:
+        TerminalError: a stage failed; the Rollout is left aborted and the message says what to do.
+    """
+    _require_cluster(env_name, env)
+    assert env.argocd is not None and env.rollout is not None
+    t0 = clock()
+    timings: dict[str, float] = {}
+    in_flight = not kube.rollout(env.rollout).finished
+    if in_flight:  # an update is under way: send its traffic back to stable before anything else
+        kube.abort(env.rollout)
+    timings["aborted_s"] = round(clock() - t0, 4)
+    try:
+        commit = gitops.revert(promotion_id, reason=reason)
+    except PipelineError as exc:
+        raise TerminalError(
+            f"the Rollout {env.rollout.namespace}/{env.rollout.name} is aborted (traffic is on the stable version), "
+            f"but reverting promotion {promotion_id} in Git failed: {exc.what}",
+            hint=f"revert it by hand (`modelctl rollback --env {env_name}` or `git revert` of its commit, then push) "
+            "so Argo CD does not re-apply the failed version; until then leave the Rollout aborted",
+        ) from None
+    timings["revert_pushed_s"] = round(clock() - t0, 4)
+    kube.request_refresh(env.argocd)
+    timings["refresh_requested_s"] = round(clock() - t0, 4)
+    try:
+        kube.wait_synced(env.argocd, commit.commit, env.canary.sync_timeout_s, accept_suspended=False)
+        kube.wait_rollout(
+            env.rollout, lambda seen: seen.client_phase == "Healthy" and seen.finished, env.canary.step_timeout_s
+        )
+    except PipelineError as exc:
+        raise TerminalError(
+            f"the revert {commit.commit[:12]} of promotion {promotion_id} is pushed, but the cluster did not settle "
+            f"on it: {exc.what}",
+            hint=f"check `argocd app get {env.argocd.application}` and `kubectl argo rollouts get rollout "
+            f"{env.rollout.name} -n {env.rollout.namespace}`; the Rollout stays aborted until it does",
+        ) from None
+    timings["healthy_s"] = round(clock() - t0, 4)
+    return RevertResult(
+        promotion_id=promotion_id, revert_commit=commit.commit, aborted=in_flight, pushed=commit.pushed, timings=timings
+    )

@@ -1,0 +1,175 @@
+"""The cluster driver end to end: a real GitOps repo, the fake cluster, Argo CD and Argo Rollouts simulated.
+
+Each test commits a promotion with pipeline.gitops, then lets pipeline.canary make it live and walk the canary,
+and checks where Git and the cluster end up.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+from cluster.fake import FakeCluster, rollout_manifest
+
+from pipeline.canary import Check, deploy, revert
+from pipeline.config import ArgoCDApp, CanaryPolicy, load_config
+from pipeline.config import RolloutRef as Ref
+from pipeline.errors import TerminalError
+from pipeline.gates import GateResult, GateRow
+from pipeline.gitops import GitOps, Promotion, init_repo
+from pipeline.kube import Backoff, Kube
+from pipeline.rollout import ObservedRollout
+
+ROOT = Path(__file__).resolve().parent.parent
+VALUES = "envs/staging/values.yaml"
+STEPS = [{"setWeight": 10}, {"pause": {}}, {"setWeight": 50}, {"pause": {}}, {"setWeight": 100}]
+GOOD = GateResult(gate="canary", rows=[GateRow(name="ttft_p95", value=90, limit="<= 300 ms", verdict="pass", why="ok")])
+BAD = GateResult(
+    gate="canary",
+    rows=[GateRow(name="ttft_p95", value=950, limit="<= 300 ms", verdict="fail", why="950 ms > 300 ms")],
+)
+BASE = load_config(ROOT / "examples" / "cluster" / "promotion.yaml").environment("staging")
+ENV = BASE.model_copy(
+    update={
+        "argocd": ArgoCDApp(application="llm-inference-staging"),
+        "rollout": Ref(name="llm-inference", namespace="llm-staging"),
+        "canary": CanaryPolicy(consecutive_passes=2, check_interval_s=0.01, step_timeout_s=10, sync_timeout_s=10),
+    }
+)
+
+
+@dataclass
+class Stage:
+    cluster: FakeCluster
+    kube: Kube
+    gitops: GitOps
+    remote: Path
+
+    def promote(self, artifact: str) -> tuple[Promotion, str]:
+        promotion = Promotion(
+            env="staging", model="org/model", revision="a" * 40, artifact=artifact, format="awq-w4a16",
+            quantization="compressed-tensors",
+        )  # fmt: skip
+        return promotion, self.gitops.promote(promotion, VALUES).commit
+
+    def template_hash(self) -> str:
+        rollout = self.cluster.rollout("llm-staging", "llm-inference")
+        return str(rollout["spec"]["template"]["metadata"]["annotations"]["modelctl.io/values-hash"])
+
+    def seen(self) -> ObservedRollout:
+        assert ENV.rollout is not None
+        return self.kube.rollout(ENV.rollout)
+
+
+@pytest.fixture
+def stage(tmp_path: Path) -> Iterator[Stage]:
+    remote = tmp_path / "gitops.git"
+    init_repo(remote)
+    gitops = GitOps.open(str(remote), tmp_path / "work")
+    cluster = FakeCluster()
+    try:
+        cluster.create_rollout("llm-staging", rollout_manifest("llm-inference", STEPS, deadline_s=120))
+        cluster.with_argocd(str(remote)).add_application(
+            "llm-inference-staging", VALUES, "llm-staging", "llm-inference"
+        )
+        cluster.tick()
+        kube = Kube(cluster.api_client, Backoff(attempts=4, first_s=0.01, max_s=0.05, request_timeout_s=1))
+        yield Stage(cluster, kube, gitops, remote)
+    finally:
+        cluster.close()
+
+
+def checks(bad_from_step: int | None = None) -> tuple[list[int | None], Check]:
+    seen_steps: list[int | None] = []
+
+    def check(seen: ObservedRollout) -> GateResult:
+        seen_steps.append(seen.step_index)
+        return BAD if bad_from_step is not None and (seen.step_index or 0) >= bad_from_step else GOOD
+
+    return seen_steps, check
+
+
+def test_happy_path_walks_every_step_to_healthy(stage: Stage) -> None:
+    promotion, commit = stage.promote("awq-w4a16-g128-0000000000000001")
+    steps, check = checks()
+    with stage.cluster.running():
+        outcome = deploy(stage.kube, stage.gitops, "staging", ENV, commit, promotion.id, check)
+    assert outcome.final == "done", outcome.reason
+    assert [e.action for e in outcome.steps if e.action != "check"] == ["synced", "promote", "promote", "done"]
+    assert steps == [1, 1, 3, 3]  # two passing checks at each pause step
+    seen = stage.seen()
+    assert seen.client_phase == "Healthy" and seen.finished
+    assert [e.action for e in stage.gitops.history("staging")] == ["promote"]
+
+
+def test_breach_at_the_second_step_aborts_and_reverts(stage: Stage) -> None:
+    before = stage.template_hash()
+    promotion, commit = stage.promote("awq-w4a16-g128-0000000000000002")
+    _, check = checks(bad_from_step=3)
+    with stage.cluster.running():
+        outcome = deploy(stage.kube, stage.gitops, "staging", ENV, commit, promotion.id, check)
+    assert outcome.final == "reverted"
+    assert "canary check failed at step 3/5" in outcome.reason and "950 ms > 300 ms" in outcome.reason
+    assert outcome.revert is not None and outcome.revert.aborted and outcome.revert.pushed
+    assert set(outcome.revert.timings) == {"aborted_s", "revert_pushed_s", "refresh_requested_s", "healthy_s"}
+    history = stage.gitops.history("staging")
+    assert history[0].reverts == promotion.id and history[0].commit == outcome.revert.revert_commit
+    assert stage.template_hash() == before, "the Rollout runs the old template again"
+    seen = stage.seen()
+    assert seen.client_phase == "Healthy" and seen.finished and not seen.aborted
+    aborts = [r.body for r in stage.cluster.server.sent("patch", "/rollouts/llm-inference/status")]
+    assert {"status": {"abort": True}} in aborts
+
+
+def test_progress_deadline_is_degraded_and_reverted(stage: Stage) -> None:
+    stage.cluster.rollouts.set_canary_ready("llm-staging", "llm-inference", ready=False)
+    promotion, commit = stage.promote("awq-w4a16-g128-0000000000000003")
+    _, check = checks()
+    stop = threading.Event()
+
+    def time_passes() -> None:  # the canary pods never get ready while minutes go by
+        while not stop.wait(0.02):
+            stage.cluster.clock.advance(30)
+
+    clock = threading.Thread(target=time_passes, daemon=True)
+    clock.start()
+    try:
+        with stage.cluster.running():
+            outcome = deploy(stage.kube, stage.gitops, "staging", ENV, commit, promotion.id, check)
+    finally:
+        stop.set()
+        clock.join()
+    assert outcome.final == "reverted" and "Degraded" in outcome.reason
+    assert stage.gitops.history("staging")[0].reverts == promotion.id
+    assert stage.seen().client_phase == "Healthy"
+
+
+def test_an_application_that_never_syncs_is_reverted_in_git_and_says_what_is_left(stage: Stage) -> None:
+    assert stage.cluster.argocd is not None
+    stage.cluster.argocd.never_sync.add("llm-inference-staging")
+    fast = ENV.model_copy(update={"canary": ENV.canary.model_copy(update={"sync_timeout_s": 0.5})})
+    promotion, commit = stage.promote("awq-w4a16-g128-0000000000000004")
+    _, check = checks()
+    with stage.cluster.running(), pytest.raises(TerminalError) as info:
+        deploy(stage.kube, stage.gitops, "staging", fast, commit, promotion.id, check)
+    assert "is pushed, but the cluster did not settle on it" in str(info.value)
+    assert "argocd app get llm-inference-staging" in str(info.value)
+    assert stage.gitops.history("staging")[0].reverts == promotion.id, "Git no longer asks for the failed version"
+
+
+def test_a_failed_git_revert_leaves_the_rollout_aborted_and_says_what_to_do(stage: Stage) -> None:
+    _, commit = stage.promote("awq-w4a16-g128-0000000000000005")
+    assert ENV.argocd is not None
+    stage.kube.request_refresh(ENV.argocd)
+    with stage.cluster.running():
+        stage.kube.wait_synced(ENV.argocd, commit, 10)
+    with pytest.raises(TerminalError) as info:
+        revert(stage.kube, stage.gitops, "staging", ENV, "0123456789abcdef", "canary failed")
+    message = str(info.value)
+    assert "is aborted (traffic is on the stable version)" in message and "reverting promotion" in message
+    assert "modelctl rollback --env staging" in message
+    stage.cluster.tick()
+    assert stage.seen().aborted and stage.seen().client_phase == "Degraded"
