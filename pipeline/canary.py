@@ -14,7 +14,8 @@ exactly what a person must do to make Git agree with the cluster.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Literal
 
 from pydantic import BaseModel, Field
@@ -23,7 +24,7 @@ from pipeline.config import Environment
 from pipeline.errors import PipelineError, TerminalError
 from pipeline.gates import GateResult
 from pipeline.gitops import GitOps
-from pipeline.kube import Kube
+from pipeline.kube import Kube, LeaseHold
 from pipeline.rollout import Abort, Done, ObservedRollout, Promote, Wait, decide
 
 Check = Callable[[ObservedRollout], GateResult]
@@ -65,6 +66,24 @@ def _require_cluster(env_name: str, env: Environment) -> None:
             f"environment {env_name} has no Argo CD application or Rollout: the canary needs a cluster",
             hint="set argocd and rollout for it in promotion.yaml (see examples/cluster/promotion.yaml)",
         )
+
+
+@contextmanager
+def guarded(kube: Kube, env_name: str, env: Environment, holder: str, canary_replicas: int = 1) -> Iterator[LeaseHold]:
+    """Hold the environment's promotion Lease for the whole block, after checking the GPU pool has room.
+
+    Run the commit inside the block: a second promotion of the same environment is refused with who holds the
+    Lease and since when, and a pool without free GPUs for the canary is refused with the numbers, both before
+    anything reaches Git.
+
+    Raises:
+        TerminalError: the Lease is held by another promotion, or the pool lacks GPUs.
+    """
+    _require_cluster(env_name, env)
+    assert env.rollout is not None
+    with kube.hold_lease(env_name, env.rollout.namespace, holder) as hold:
+        kube.require_gpus(env.gpu_pool, replicas=canary_replicas)
+        yield hold
 
 
 def walk(

@@ -13,8 +13,9 @@ from pathlib import Path
 
 import pytest
 from cluster.fake import FakeCluster, rollout_manifest
+from cluster.workloads import add_gpu_node, add_gpu_pod
 
-from pipeline.canary import Check, deploy, revert
+from pipeline.canary import Check, deploy, guarded, revert
 from pipeline.config import ArgoCDApp, CanaryPolicy, load_config
 from pipeline.config import RolloutRef as Ref
 from pipeline.errors import TerminalError
@@ -173,3 +174,28 @@ def test_a_failed_git_revert_leaves_the_rollout_aborted_and_says_what_to_do(stag
     assert "modelctl rollback --env staging" in message
     stage.cluster.tick()
     assert stage.seen().aborted and stage.seen().client_phase == "Degraded"
+
+
+def test_a_held_lease_refuses_a_second_promotion_before_any_commit(stage: Stage) -> None:
+    add_gpu_node(stage.cluster.server, "gpu-1", {"cloud.google.com/gke-accelerator": "nvidia-l4"}, gpus=2)
+    tip = stage.gitops.sync()
+    with (
+        guarded(stage.kube, "staging", ENV, holder="flow-run-1"),
+        pytest.raises(TerminalError, match="flow-run-1") as info,
+        guarded(stage.kube, "staging", ENV, holder="flow-run-2"),
+    ):
+        stage.promote("awq-w4a16-g128-0000000000000006")
+    assert "since" in str(info.value)
+    assert stage.gitops.sync() == tip, "nothing was committed"
+
+
+def test_too_few_free_gpus_refuses_before_any_commit(stage: Stage) -> None:
+    add_gpu_node(stage.cluster.server, "gpu-1", {"cloud.google.com/gke-accelerator": "nvidia-l4"}, gpus=1)
+    add_gpu_pod(stage.cluster.server, "llm-staging", "stable-0", "gpu-1", gpus=1)
+    tip = stage.gitops.sync()
+    with pytest.raises(TerminalError) as info, guarded(stage.kube, "staging", ENV, holder="flow-run-1"):
+        stage.promote("awq-w4a16-g128-0000000000000007")
+    assert "not enough free nvidia.com/gpu" in str(info.value) and "0 of 1 are free" in str(info.value)
+    assert stage.gitops.sync() == tip, "nothing was committed"
+    hold = stage.kube.acquire_lease("staging", "llm-staging", "flow-run-2")  # the refusal released the Lease
+    assert hold.holder == "flow-run-2"
