@@ -237,6 +237,8 @@ class CanaryPolicy(Strict):
     step_timeout_s: PositiveFloat = 600.0
     sync_timeout_s: PositiveFloat = 300.0
     prometheus_url: str | None = None
+    max_ttft_ratio_vs_stable: Annotated[float, Field(ge=1)] = 1.25
+    metrics_window: str = Field("2m", pattern=r"^[0-9]+[smh]$")
 
 
 class Approval(Strict):
