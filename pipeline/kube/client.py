@@ -1,0 +1,145 @@
+"""The Kubernetes client and its one retry loop: transient errors retried with backoff, 409s re-read."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any, Self, TypeVar
+
+import urllib3
+from kubernetes import client, config
+from kubernetes.client.exceptions import ApiException
+
+from pipeline.errors import PipelineError, TerminalError, TransientError
+from pipeline.secrets import redact
+
+T = TypeVar("T")
+ARGO = ("argoproj.io", "v1alpha1")
+REFRESH = "argocd.argoproj.io/refresh"
+Patch = tuple[str, dict[str, Any]]  # ("object" | "status", JSON merge patch)
+
+
+def parse_time(text: str) -> datetime:
+    """An RFC 3339 time as Kubernetes writes it (with a trailing Z)."""
+    return datetime.fromisoformat(text.replace("Z", "+00:00"))
+
+
+class ConflictError(TransientError):
+    """409: the object changed (or exists) under us; the operation re-reads and tries again."""
+
+
+@dataclass(frozen=True)
+class Backoff:
+    """How API calls are retried: ``attempts`` tries, sleeping first_s, 2*first_s, ... up to max_s."""
+
+    attempts: int = 5
+    first_s: float = 0.2
+    max_s: float = 5.0
+    request_timeout_s: float = 10.0
+
+    def delay(self, attempt: int) -> float:
+        return float(min(self.max_s, self.first_s * 2**attempt))
+
+
+def _api_message(exc: ApiException) -> str:
+    try:
+        return str(json.loads(exc.body or "{}").get("message") or exc.reason or "")
+    except (ValueError, AttributeError):
+        return str(exc.reason or "")
+
+
+def classify(exc: BaseException, what: str) -> PipelineError:
+    """Map a client exception to the pipeline's errors, with a redacted message that says what to do."""
+    if isinstance(exc, ApiException):
+        code, detail = exc.status or 0, redact(_api_message(exc))
+        text = f"{what}: the Kubernetes API answered {code} ({detail})"
+        if code == 409:
+            return ConflictError(text, hint="another writer changed it; re-read and try again")
+        if code in (408, 429) or code >= 500:
+            return TransientError(text, hint="the API server is busy or failing; try again shortly")
+        if code in (401, 403):
+            return TerminalError(text, hint="grant the pipeline's service account access to this resource (RBAC)")
+        if code == 404:
+            return TerminalError(text, hint="check the name and namespace in promotion.yaml, and that it exists")
+        return TerminalError(text, hint="the request was refused; fix the object or the configuration")
+    if isinstance(exc, urllib3.exceptions.HTTPError | OSError | TimeoutError):
+        return TransientError(
+            f"{what}: cannot reach the Kubernetes API ({type(exc).__name__}: {redact(str(exc))[:200]})",
+            hint="check the connection to the cluster (kubeconfig context, VPN, API server health)",
+        )
+    return TerminalError(f"{what}: {type(exc).__name__}: {redact(str(exc))}")
+
+
+class KubeClient:
+    """The one door to the Kubernetes API. ``sleep`` and ``clock`` are injectable so tests never wait long."""
+
+    def __init__(
+        self,
+        api_client: client.ApiClient,
+        backoff: Backoff | None = None,
+        sleep: Callable[[float], None] = time.sleep,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.api_client = api_client
+        self.backoff = backoff or Backoff()
+        self.sleep, self.clock = sleep, clock
+        self.custom = client.CustomObjectsApi(api_client)
+        self.core = client.CoreV1Api(api_client)
+        self.batch = client.BatchV1Api(api_client)
+        self.coordination = client.CoordinationV1Api(api_client)
+
+    @classmethod
+    def connect(cls, context: str | None = None) -> Self:
+        """In a pod, the service account; elsewhere the kubeconfig (``context`` or the current one).
+
+        Raises:
+            TerminalError: neither is available.
+        """
+        try:
+            config.load_incluster_config()
+            return cls(client.ApiClient())
+        except config.ConfigException:
+            pass
+        try:
+            return cls(config.new_client_from_config(context=context))
+        except (config.ConfigException, OSError) as exc:
+            raise TerminalError(
+                f"no Kubernetes credentials: {redact(str(exc))}",
+                hint="run inside the cluster, or point KUBECONFIG at a kubeconfig with the right context",
+            ) from None
+
+    # the retry loop ------------------------------------------------------------------------------------------
+    def read(self, what: str, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> dict[str, Any]:
+        """:meth:`call`, with the answer as plain JSON (camelCase keys), as the API sent it."""
+        answer: dict[str, Any] = self.api_client.sanitize_for_serialization(self.call(what, fn, *args, **kwargs))
+        return answer
+
+    def call(self, what: str, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        """One API call, retried on transient failures with backoff and a bound. 409 is raised at once."""
+        kwargs.setdefault("_request_timeout", self.backoff.request_timeout_s)
+        error: PipelineError | None = None
+        for attempt in range(self.backoff.attempts):
+            try:
+                return fn(*args, **kwargs)
+            except Exception as exc:
+                error = classify(exc, what)
+                if not error.retryable or isinstance(error, ConflictError):
+                    raise error from None
+                if attempt + 1 < self.backoff.attempts:
+                    self.sleep(self.backoff.delay(attempt))
+        assert error is not None
+        raise TransientError(f"{error.what} (gave up after {self.backoff.attempts} attempts)", hint=error.hint)
+
+    def _retry_conflicts(self, what: str, attempt: Callable[[], T]) -> T:
+        """Run a read-modify-write ``attempt``; on 409 re-run it (it re-reads), up to the backoff bound."""
+        for n in range(self.backoff.attempts):
+            try:
+                return attempt()
+            except ConflictError:
+                if n + 1 == self.backoff.attempts:
+                    raise
+                self.sleep(self.backoff.delay(n))
+        raise AssertionError("unreachable")
