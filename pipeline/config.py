@@ -380,7 +380,7 @@ def _requires_problems(cfg: PromotionConfig) -> list[tuple[tuple[int | str, ...]
     return found
 
 
-def _describe(error: dict[str, Any]) -> str:
+def describe_error(error: dict[str, Any]) -> str:
     """Pydantic's message, plus what was given where showing it is useful and safe."""
     message = str(error["msg"]).removeprefix("Value error, ")
     given = error.get("input")
@@ -394,7 +394,8 @@ def _describe(error: dict[str, Any]) -> str:
     return redact(message)
 
 
-def _problem(path: str, doc: Any, loc: tuple[int | str, ...], message: str) -> str:
+def problem_line(path: str, doc: Any, loc: tuple[int | str, ...], message: str) -> str:
+    """One finding as `file:line: key.path: message` (the line when the key is in the document)."""
     key = ".".join(str(p) for p in loc) or "(top level)"
     line = _line_of(doc, loc)
     return f"{path}:{line}: {key}: {message}" if line else f"{path}: {key}: {message}"
@@ -420,11 +421,11 @@ def parse_config(text: str, path: str = "promotion.yaml", base_dir: Path | None 
     try:
         cfg = PromotionConfig.model_validate(doc, context={"base_dir": base_dir or Path(".")})
     except ValidationError as exc:
-        problems = [_problem(path, doc, tuple(e["loc"]), _describe(dict(e))) for e in exc.errors()]
+        problems = [problem_line(path, doc, tuple(e["loc"]), describe_error(dict(e))) for e in exc.errors()]
         raise ConfigError(path, problems, hint=hint) from None
     cross = _requires_problems(cfg)
     if cross:
-        raise ConfigError(path, [_problem(path, doc, loc, message) for loc, message in cross], hint=hint)
+        raise ConfigError(path, [problem_line(path, doc, loc, message) for loc, message in cross], hint=hint)
     return cfg
 
 

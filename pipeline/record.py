@@ -75,7 +75,7 @@ class PromotionRecord(BaseModel):
 
     def to_json(self) -> str:
         """The record as indented JSON, secrets scrubbed (it is committed to Git and read by people)."""
-        return redact(self.model_dump_json(indent=2, exclude_none=True)) + "\n"
+        return redact(self.model_dump_json(indent=2)) + "\n"
 
     @classmethod
     def from_json(cls, text: str | bytes, where: str = "record") -> PromotionRecord:

@@ -27,7 +27,22 @@ class LeaseHold:
 class Leases(KubeClient):
     """One promotion per environment: a coordination.k8s.io Lease, renewed while held."""
 
-    # one promotion per environment -----------------------------------------------------------------------------
+    def lease_holder(self, env: str, namespace: str) -> str | None:
+        """Who holds ``env``'s live promotion Lease, and since when; None when it is free or expired."""
+        name = f"modelctl-promotion-{env}"
+        try:
+            lease = self.read(
+                f"read the promotion Lease of {env!r}", self.coordination.read_namespaced_lease, name, namespace
+            )
+        except TerminalError:  # 404: never held
+            return None
+        spec = lease.get("spec") or {}
+        holder, renewed = spec.get("holderIdentity"), spec.get("renewTime") or spec.get("acquireTime")
+        if not holder or not renewed:
+            return None
+        expires = parse_time(renewed) + timedelta(seconds=spec.get("leaseDurationSeconds") or 0)
+        return f"{holder} since {spec.get('acquireTime')}" if expires > datetime.now(UTC) else None
+
     def acquire_lease(self, env: str, namespace: str, holder: str, duration_s: int = 60) -> LeaseHold:
         """Take the promotion lease of ``env``: create it, renew our own, or take over an expired one.
 
