@@ -126,7 +126,8 @@ def _read_marker(target: Path) -> dict[str, object] | None:
     return data if isinstance(data, dict) else None
 
 
-def _is_warm(plan: Plan, root: Path) -> bool:
+def is_warm(plan: Plan, root: Path) -> bool:
+    """True when the cache holds the plan's entry complete: marker for the same manifest, every size right."""
     target = root / plan.entry_id
     marker = _read_marker(target)
     if not marker or marker.get("manifest_sha256") != plan.digest():
@@ -198,11 +199,11 @@ def _check_space(plan: Plan, root: Path, target: Path) -> None:
 
 def _run(plan: Plan, root: Path, verify: bool, progress: Progress | None) -> CacheEntry:
     target = root / plan.entry_id
-    if not verify and _is_warm(plan, root):
+    if not verify and is_warm(plan, root):
         return _entry(plan, target, skipped=True)
     root.mkdir(parents=True, exist_ok=True)
     with _lock(root, plan.entry_id):
-        if not verify and _is_warm(plan, root):  # another preloader finished while we waited
+        if not verify and is_warm(plan, root):  # another preloader finished while we waited
             return _entry(plan, target, skipped=True)
         _check_space(plan, root, target)
         started = time.perf_counter()

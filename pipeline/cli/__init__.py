@@ -22,7 +22,7 @@ app = typer.Typer(
 )
 
 # Command areas, in the order `modelctl --help` lists them. Add a module here to add its commands.
-AREAS = ("config", "tinymodel", "artifacts", "gitops", "evaluate", "loadtest")
+AREAS = ("config", "tinymodel", "artifacts", "gitops", "loadtest", "evaluate", "promote")
 
 for _area in AREAS:
     import_module(f"pipeline.cli.{_area}").register(app)

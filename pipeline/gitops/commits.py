@@ -181,3 +181,29 @@ def parse_log(text: str) -> list[HistoryEntry]:
             found.setdefault("action", "promote")
             entries.append(HistoryEntry(parts[0], parts[1], int(parts[2]), parts[3], **found))
     return entries
+
+
+def live_promotions(entries: list[HistoryEntry]) -> list[HistoryEntry]:
+    """The promotions not (yet) reverted, newest first, from an environment's history (newest first)."""
+    reverted = {e.reverts for e in entries if e.action == "revert"}
+    return [e for e in entries if e.action == "promote" and e.promotion_id not in reverted]
+
+
+def rollback_targets(entries: list[HistoryEntry], to: str | None = None) -> list[HistoryEntry]:
+    """The promotions to revert, newest first, to go back one promotion (``to`` None) or to promotion ``to``.
+
+    Raises:
+        TerminalError: nothing is live to roll back, or ``to`` is not a live promotion of this environment.
+    """
+    live = live_promotions(entries)
+    if not live:
+        raise TerminalError("there is no live promotion to roll back", hint="`modelctl history --env ENV` shows why")
+    if to is None:
+        return live[:1]
+    ids = [e.promotion_id for e in live]
+    if to not in ids:
+        raise TerminalError(
+            f"{to} is not a live promotion of this environment (live: {', '.join(ids[:5])})",
+            hint="pick a promotion id from `modelctl history --env ENV` that has not been reverted",
+        )
+    return live[: ids.index(to)]
