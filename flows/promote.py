@@ -85,7 +85,30 @@ def _revert_on_rollback(config: str, env_name: str, promotion_id: str, workdir: 
     return hook
 
 
-@flow(name="promote", log_prints=True)
+def revert_after_failure(flow: Any, flow_run: Any, state: Any) -> None:
+    """on_failure / on_crashed: a failed or crashed run reverts the promotion it committed (found by its Flow-Run
+    trailer), aborting the Rollout first; if that fails, the error it logs says what a person must do.
+
+    A process killed outright runs no hook: re-running the promotion with the same id converges instead.
+    """
+    from flows.rollback import revert_step
+
+    params = flow_run.parameters
+    cfg = load_config(params.get("config", "promotion.yaml"))
+    env_name = params["env"]
+    if cfg.environment(env_name).executor != "kubernetes":
+        return  # nothing runs after the commit locally: a failure there changes nothing that needs undoing
+    workdir = params.get("workdir")
+    gitops = gitops_for(cfg, Path(workdir) if workdir else None)
+    for entry in live_promotions(gitops.history(env_name)):
+        if entry.flow_run == str(flow_run.id):
+            reason = f"flow run {flow_run.name} ended {state.name}: {state.message or ''}"[:200]
+            revert_step.fn(
+                params.get("config", "promotion.yaml"), env_name, entry.promotion_id, reason, workdir and Path(workdir)
+            )
+
+
+@flow(name="promote", log_prints=True, on_failure=[revert_after_failure], on_crashed=[revert_after_failure])
 def promote(
     model: str,
     env: str,

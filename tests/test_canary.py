@@ -199,3 +199,54 @@ def test_too_few_free_gpus_refuses_before_any_commit(stage: Stage) -> None:
     assert stage.gitops.sync() == tip, "nothing was committed"
     hold = stage.kube.acquire_lease("staging", "llm-staging", "flow-run-2")  # the refusal released the Lease
     assert hold.holder == "flow-run-2"
+
+
+def test_a_failed_flow_run_reverts_the_promotion_it_committed(
+    stage: Stage, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The promote flow's on_failure/on_crashed hook, against the fake cluster reached through a kubeconfig."""
+    from types import SimpleNamespace
+
+    import yaml
+
+    from flows.promote import revert_after_failure
+
+    kubeconfig = tmp_path / "kubeconfig"
+    kubeconfig.write_text(
+        yaml.safe_dump(
+            {
+                "apiVersion": "v1",
+                "kind": "Config",
+                "clusters": [{"name": "fake", "cluster": {"server": stage.cluster.server.url}}],
+                "users": [{"name": "fake", "user": {"token": "not-a-secret"}}],
+                "contexts": [{"name": "fake", "context": {"cluster": "fake", "user": "fake"}}],
+                "current-context": "fake",
+            }
+        )
+    )
+    monkeypatch.setenv("KUBECONFIG", str(kubeconfig))
+    config = tmp_path / "promotion.yaml"
+    text = (ROOT / "examples" / "cluster" / "promotion.yaml").read_text()
+    text = text.replace("https://github.com/example-org/llm-gitops.git", str(stage.remote))
+    config.write_text(
+        text.replace("check_interval_s: 30", "check_interval_s: 0.01").replace(
+            "sync_timeout_s: 300", "sync_timeout_s: 10"
+        )
+    )
+    flow_run = SimpleNamespace(
+        id="0f6c2d6e-1111-2222-3333-444455556666",
+        name="crashed-run",
+        parameters={"env": "staging", "config": str(config), "workdir": str(tmp_path / "work")},
+    )
+    promotion = Promotion(
+        env="staging", model="org/model", revision="a" * 40, artifact="art-9", flow_run=str(flow_run.id)
+    )
+    commit = stage.gitops.promote(promotion, VALUES).commit
+    assert ENV.argocd is not None
+    stage.kube.request_refresh(ENV.argocd)
+    with stage.cluster.running():
+        stage.kube.wait_synced(ENV.argocd, commit, 10)
+        revert_after_failure(None, flow_run, SimpleNamespace(name="Crashed", message="the worker died"))
+    history = stage.gitops.history("staging")
+    assert history[0].action == "revert" and history[0].reverts == promotion.id
+    assert stage.seen().client_phase == "Healthy" and stage.seen().finished

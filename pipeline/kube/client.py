@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -104,7 +105,7 @@ class KubeClient:
         except config.ConfigException:
             pass
         try:
-            return cls(config.new_client_from_config(context=context))
+            return cls(config.new_client_from_config(config_file=os.environ.get("KUBECONFIG"), context=context))
         except (config.ConfigException, OSError) as exc:
             raise TerminalError(
                 f"no Kubernetes credentials: {redact(str(exc))}",

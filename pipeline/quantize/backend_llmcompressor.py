@@ -38,6 +38,19 @@ def _no_pinned_memory_without_accelerator() -> Iterator[None]:
         IntermediatesCache.pin_memory = original  # type: ignore[method-assign]
 
 
+@contextmanager
+def _quiet() -> Iterator[None]:
+    """llmcompressor logs every layer (and a "no accelerator" warning per step) through loguru: keep it out of
+    the pipeline's output while it runs; progress reaches the user through the progress callback instead."""
+    from loguru import logger
+
+    logger.disable("llmcompressor")
+    try:
+        yield
+    finally:
+        logger.enable("llmcompressor")
+
+
 def _modifiers(recipe: Recipe) -> list[Any]:
     from llmcompressor.modifiers.quantization import GPTQModifier, QuantizationModifier
     from llmcompressor.modifiers.transform.awq import AWQModifier
@@ -79,7 +92,7 @@ def quantize(model_dir: Path, out: Path, recipe: Recipe, texts: list[str], progr
     dataset = Dataset.from_dict({"text": texts}).map(tokenize, remove_columns=["text"])
     if progress:
         progress(f"{recipe.method.upper()} calibration on {len(texts)} samples", 0.2)
-    with _no_pinned_memory_without_accelerator():
+    with _no_pinned_memory_without_accelerator(), _quiet():
         oneshot(
             model=model,
             dataset=dataset,
