@@ -401,18 +401,27 @@ def problem_line(path: str, doc: Any, loc: tuple[int | str, ...], message: str) 
     return f"{path}:{line}: {key}: {message}" if line else f"{path}: {key}: {message}"
 
 
+def read_yaml(text: str, path: str) -> Any:
+    """A round-trip YAML document (it keeps line numbers for messages).
+
+    Raises:
+        ConfigError: the text is not YAML (the message names the file and line).
+    """
+    try:
+        return YAML(typ="rt").load(text)
+    except MarkedYAMLError as exc:
+        mark = exc.problem_mark
+        where = f"{path}:{mark.line + 1}" if mark is not None else path
+        raise ConfigError(path, [f"{where}: not valid YAML: {exc.problem}"]) from None
+
+
 def parse_config(text: str, path: str = "promotion.yaml", base_dir: Path | None = None) -> PromotionConfig:
     """Validate configuration text. ``path`` is only used in messages; ``base_dir`` anchors relative paths.
 
     Raises:
         ConfigError: the text is not YAML, or does not describe a valid configuration.
     """
-    try:
-        doc = YAML(typ="rt").load(text)
-    except MarkedYAMLError as exc:
-        mark = exc.problem_mark
-        where = f"{path}:{mark.line + 1}" if mark is not None else path
-        raise ConfigError(path, [f"{where}: not valid YAML: {exc.problem}"]) from None
+    doc = read_yaml(text, path)
     if doc is None:
         raise ConfigError(path, [f"{path}: the file is empty; expected a mapping with 'gitops' and 'environments'"])
     if not isinstance(doc, dict):

@@ -56,3 +56,13 @@ class ConfigError(TerminalError):
         count = len(self.problems)
         noun = "problem" if count == 1 else "problems"
         super().__init__(f"{path}: {count} configuration {noun}:\n{lines}", hint=hint)
+
+
+def first_problem(exc: Exception) -> str:
+    """``key.path: message`` of the first finding of a pydantic ValidationError (for one-line error messages)."""
+    errors = getattr(exc, "errors", None)
+    if not callable(errors) or not errors():
+        return str(exc)
+    first = errors()[0]
+    key = ".".join(str(part) for part in first["loc"]) or "(top level)"
+    return f"{key}: {first['msg']}"

@@ -20,7 +20,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from pipeline.errors import TerminalError
+from pipeline.errors import TerminalError, first_problem
 from pipeline.gates import GateResult
 from pipeline.secrets import redact
 
@@ -87,10 +87,8 @@ class PromotionRecord(BaseModel):
         try:
             return cls.model_validate_json(text)
         except ValidationError as exc:
-            first = exc.errors()[0]
-            key = ".".join(str(p) for p in first["loc"]) or "(top level)"
             raise TerminalError(
-                f"{where} is not a valid PromotionRecord: {key}: {first['msg']}",
+                f"{where} is not a valid PromotionRecord: {first_problem(exc)}",
                 hint="records are written by modelctl; restore the file from Git history",
             ) from None
 

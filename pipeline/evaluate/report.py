@@ -14,7 +14,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from pipeline.errors import TerminalError
+from pipeline.errors import TerminalError, first_problem
 from pipeline.record import PromotionRecord
 
 
@@ -126,10 +126,8 @@ def load_baseline(path: str | Path) -> EvalReport:
     try:
         return EvalReport.model_validate(data)
     except ValidationError as exc:
-        first = exc.errors()[0]
-        key = ".".join(str(p) for p in first["loc"]) or "(top level)"
         raise TerminalError(
-            f"baseline {where} is not an EvalReport: {key}: {first['msg']}",
+            f"baseline {where} is not an EvalReport: {first_problem(exc)}",
             hint="pass a file written by `modelctl evaluate --output` or a PromotionRecord",
         ) from None
 
@@ -147,9 +145,7 @@ def baseline_from_record(record: PromotionRecord | None) -> EvalReport | None:
     try:
         return EvalReport.model_validate(record.eval_report)
     except ValidationError as exc:
-        first = exc.errors()[0]
-        key = ".".join(str(p) for p in first["loc"]) or "(top level)"
         raise TerminalError(
-            f"the eval report in promotion record {record.id} ({record.env}) is not valid: {key}: {first['msg']}",
+            f"the eval report in promotion record {record.id} ({record.env}) is not valid: {first_problem(exc)}",
             hint="records are written by modelctl; restore the file from Git history or re-evaluate the incumbent",
         ) from None

@@ -19,10 +19,8 @@ from pathlib import Path
 from typing import Annotated
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, model_validator
-from ruamel.yaml import YAML
-from ruamel.yaml.error import MarkedYAMLError
 
-from pipeline.config import describe_error, problem_line
+from pipeline.config import describe_error, problem_line, read_yaml
 from pipeline.errors import ConfigError
 from pipeline.evaluate.tasks import EVALUATIONS_DIR
 
@@ -118,12 +116,7 @@ def parse_suite(text: str, path: Path) -> Suite:
         ConfigError: not YAML, or not a valid suite (every problem names the file, line and key).
     """
     shown = str(path)
-    try:
-        doc = YAML(typ="rt").load(text)
-    except MarkedYAMLError as exc:
-        mark = exc.problem_mark
-        where = f"{shown}:{mark.line + 1}" if mark is not None else shown
-        raise ConfigError(shown, [f"{where}: not valid YAML: {exc.problem}"]) from None
+    doc = read_yaml(text, shown)
     if not isinstance(doc, dict):
         raise ConfigError(shown, [f"{shown}: expected a mapping with 'tasks' at the top level"])
     data = dict(doc)
