@@ -15,7 +15,7 @@ from prefect.cache_policies import NO_CACHE
 from prefect.context import TaskRunContext
 
 from flows.steps import RETRIES
-from pipeline.config import EvalGate, LoadGate
+from pipeline.config import Environment, EvalGate, LoadGate
 from pipeline.gates import GateResult
 from pipeline.record import PromotionRecord
 
@@ -54,3 +54,18 @@ def load_step(model_dir: Path, gate: LoadGate, served_name: str | None) -> tuple
     with local_server(model_dir) as server:
         report = run_load(Target(endpoint=server.url, model=server.model), gate.profile, prompts)
     return report.model_dump(mode="json"), load_gate(report, gate.slo)
+
+
+@task(name="evaluate-job", cache_policy=NO_CACHE, timeout_seconds=6 * 3600, **RETRIES)
+def eval_job(
+    model_dir: str, gate: EvalGate, baseline: PromotionRecord | None, env_name: str, env: Environment
+) -> tuple[dict[str, Any], GateResult]:
+    """The evaluation as a Job next to the preloaded weights; the gate is judged here, against Git's baseline."""
+    from flows.steps import on_cluster
+    from pipeline.evaluate import EvalReport, eval_gate, load_suite
+    from pipeline.evaluate.report import baseline_from_record
+
+    suite = load_suite(gate.suite)
+    result = on_cluster("evaluate", [model_dir, "--suite", gate.suite, "--report-only"], env_name, env)
+    report = EvalReport.model_validate(result["report"])
+    return report.model_dump(mode="json"), eval_gate(report, baseline_from_record(baseline), suite, gate.policy)

@@ -9,6 +9,8 @@ promotion id converges: the commit is found by its trailer, never made twice.
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -19,9 +21,19 @@ from prefect.context import get_run_context
 from prefect.transactions import transaction
 
 from flows.approve import wait_for_approval
-from flows.gates import eval_step, load_step
+from flows.gates import eval_job, eval_step, load_step
 from flows.guard import environment_slot
-from flows.steps import RETRIES, artifacts_root, commit_step, gitops_for, preload_step, quantize_step, resolve_step
+from flows.steps import (
+    RETRIES,
+    artifacts_root,
+    commit_step,
+    gitops_for,
+    preload_job,
+    preload_step,
+    quantize_job,
+    quantize_step,
+    resolve_step,
+)
 from pipeline.config import Environment, load_config
 from pipeline.errors import TerminalError
 from pipeline.gates import GateResult
@@ -52,6 +64,19 @@ def check_requires(gitops: GitOps, env_name: str, env: Environment, artifact: Ar
                 f"{env_name} requires {needed} first, and {artifact.id} is not live in {needed}",
                 hint=f"promote the same model and recipe to {needed} first (`modelctl promote ... --env {needed}`)",
             )
+
+
+@contextmanager
+def cluster_guard(env_name: str, env: Environment, holder: str) -> Iterator[None]:
+    """On a cluster: hold the environment's Lease and check the GPU pool before the commit; locally: nothing."""
+    if env.executor != "kubernetes":
+        yield
+        return
+    from pipeline.canary import guarded
+    from pipeline.kube import Kube
+
+    with guarded(Kube.connect(), env_name, env, holder):
+        yield
 
 
 @task(name="deploy", cache_policy=NO_CACHE, timeout_seconds=6 * 3600, **RETRIES)
@@ -145,14 +170,20 @@ def promote(
         timed("resolve", started)
         recipe = Recipe.from_config(cfg.model.quantization, method)
         started = time.perf_counter()
-        artifact = quantize_step(
-            source, recipe, artifacts_root(environment), backend or cfg.model.quantization.backend, policy
-        )
+        chosen = backend or cfg.model.quantization.backend
+        on_cluster = environment.executor == "kubernetes"
+        if on_cluster:
+            artifact = quantize_job(source, recipe, chosen, env, environment)
+        else:
+            artifact = quantize_step(source, recipe, artifacts_root(environment), chosen, policy)
         timed("quantize", started)
         gitops = gitops_for(cfg, where)
         check_requires(gitops, env, environment, artifact)
         started = time.perf_counter()
-        entry = preload_step(Path(artifact.path), Path(environment.cache.root))
+        if on_cluster:
+            entry = preload_job(artifact, env, environment)
+        else:
+            entry = preload_step(Path(artifact.path), Path(environment.cache.root))
         timed("preload", started)
         record = record.model_copy(
             update={
@@ -164,7 +195,10 @@ def promote(
         if environment.gates.eval is not None:
             started = time.perf_counter()
             baseline = gitops.baseline(env)
-            report, result = eval_step(Path(entry.path), environment.gates.eval, baseline)
+            if on_cluster:
+                report, result = eval_job(entry.path, environment.gates.eval, baseline, env, environment)
+            else:
+                report, result = eval_step(Path(entry.path), environment.gates.eval, baseline)
             timed("evaluate", started)
             record = record.model_copy(update={"eval_report": report, "eval_gate": result})
             gates.append(result)
@@ -200,19 +234,22 @@ def promote(
             timed("approval", started)
             logger.info("approved by %s: %s", answer.approver, answer.comment or "-")
         record = record.model_copy(update={"decision": "promoted", "reason": "every gate passed", "timings": timings})
-        started = time.perf_counter()
-        commit = commit_step(gitops, promotion, environment.values_file, record)
-        timed("commit", started)
-        logger.info("%s %s", "already committed" if commit.skipped else "committed", commit.commit[:12])
-        record = record.model_copy(update={"commit": commit.commit})
-        if environment.executor == "kubernetes":
+        with cluster_guard(env, environment, record.flow_run or pid):
             started = time.perf_counter()
-            with transaction(key=f"canary-{pid}") as txn:
-                txn.stage(pid, on_rollback_hooks=[_revert_on_rollback(config, env, pid, workdir)])
-                outcome = deploy_step(config, env, commit.commit, pid, cfg.model.served_name or source.repo, workdir)
-            timed("canary", started)
-            decision = "promoted" if outcome["final"] == "done" else "reverted"
-            record = record.model_copy(update={"rollout": outcome, "decision": decision, "reason": outcome["reason"]})
+            commit = commit_step(gitops, promotion, environment.values_file, record)
+            timed("commit", started)
+            logger.info("%s %s", "already committed" if commit.skipped else "committed", commit.commit[:12])
+            record = record.model_copy(update={"commit": commit.commit})
+            if on_cluster:
+                started = time.perf_counter()
+                served = cfg.model.served_name or source.repo
+                with transaction(key=f"canary-{pid}") as txn:
+                    txn.stage(pid, on_rollback_hooks=[_revert_on_rollback(config, env, pid, workdir)])
+                    outcome = deploy_step(config, env, commit.commit, pid, served, workdir)
+                timed("canary", started)
+                decision = "promoted" if outcome["final"] == "done" else "reverted"
+                update = {"rollout": outcome, "decision": decision, "reason": outcome["reason"]}
+                record = record.model_copy(update=update)
         record = record.model_copy(update={"timings": timings})
     create_markdown_artifact(record.markdown(), key=f"promotion-{pid}", description=f"{record.decision}: {env}")
     if record.decision == "reverted":

@@ -19,8 +19,9 @@ from prefect.tasks import Task
 
 from pipeline.cache import CacheEntry, artifact_plan, is_warm, preload
 from pipeline.config import Environment, PromotionConfig
-from pipeline.errors import TransientError
+from pipeline.errors import TerminalError, TransientError
 from pipeline.gitops import CommitResult, GitOps, Promotion
+from pipeline.jobs import Step, run_step
 from pipeline.quantize import Artifact, Backend, Recipe, quantize
 from pipeline.quantize.recipe import MANIFEST, artifact_id, calibration_sha256, load_calibration
 from pipeline.record import PromotionRecord
@@ -88,3 +89,30 @@ def gitops_for(cfg: PromotionConfig, workdir: Path | None = None) -> GitOps:
 def artifacts_root(env: Environment) -> Path:
     """Where quantized artifacts are built for ``env``: beside the preloaded entries on the cache volume."""
     return Path(env.cache.root) / ".artifacts"
+
+
+def on_cluster(step: Step, args: list[str], env_name: str, env: Environment) -> dict[str, Any]:
+    """Run a step as a Kubernetes Job on the environment's GPU pool and return its JSON result."""
+    from pipeline.kube import Kube
+
+    def not_here() -> dict[str, Any]:
+        raise TerminalError(f"{step} for {env_name} must run on the cluster, not here")
+
+    return run_step(step, args, env_name, env, not_here, Kube.connect())
+
+
+@task(name="quantize-job", cache_policy=NO_CACHE, timeout_seconds=6 * 3600, **RETRIES)
+def quantize_job(source: ModelSource, recipe: Recipe, backend: Backend, env_name: str, env: Environment) -> Artifact:
+    """The quantize step as a Job on the GPU pool, writing to the cache PVC (``python -m pipeline quantize``)."""
+    ref = source.path if source.kind == "local" and source.path else f"{source.repo}@{source.sha}"
+    args = [ref, "--method", recipe.method, "--backend", backend, "--out", str(artifacts_root(env))]
+    args += ["--samples", str(recipe.calibration.samples), "--max-seq-len", str(recipe.calibration.max_seq_len)]
+    args += ["--symmetric" if recipe.symmetric else "--asymmetric"]
+    return Artifact.model_validate(on_cluster("quantize", args, env_name, env))
+
+
+@task(name="preload-job", cache_policy=NO_CACHE, timeout_seconds=6 * 3600, **RETRIES)
+def preload_job(artifact: Artifact, env_name: str, env: Environment) -> CacheEntry:
+    """The preload step as a Job with the cache PVC mounted (``python -m pipeline preload``)."""
+    args = [artifact.path, "--cache-root", env.cache.root]
+    return CacheEntry.model_validate(on_cluster("preload", args, env_name, env))

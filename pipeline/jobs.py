@@ -20,8 +20,8 @@ from pipeline.errors import TerminalError
 if TYPE_CHECKING:
     from pipeline.kube import Kube
 
-Step = Literal["quantize", "preload"]
-GPU_STEPS: tuple[Step, ...] = ("quantize",)
+Step = Literal["quantize", "preload", "evaluate"]
+GPU_STEPS: tuple[Step, ...] = ("quantize", "evaluate")
 ONE_LINE_JSON = "MODELCTL_JSON_ONE_LINE"
 
 

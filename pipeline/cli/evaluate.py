@@ -41,6 +41,9 @@ def evaluate(
         False
     ),
     no_cache: Annotated[bool, typer.Option("--no-cache", help="evaluate again even if a result is cached")] = False,
+    report_only: Annotated[
+        bool, typer.Option("--report-only", help="exit 0 whatever the gate says (a pipeline Job: the flow judges)")
+    ] = False,
     as_json: JsonFlag = False,
 ) -> None:
     """Evaluate a candidate on a suite with lm-eval and judge it against the baseline (or the suite's floors).
@@ -88,7 +91,7 @@ def evaluate(
         _print_gate(result)
         if output:
             out.print(f"report written to {output}")
-    if not result.passed:
+    if not result.passed and not report_only:
         raise typer.Exit(2)
 
 
