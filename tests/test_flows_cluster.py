@@ -1,0 +1,141 @@
+"""The promote flow end to end on the fake cluster: staging, then prod, to Healthy; a failing canary is reverted.
+
+Everything is real but the cluster: the Prefect flow (test server), the GitOps repo (a bare remote from the
+template), the quantized artifact and its eval report, the canary load checks against a streaming server. The
+fake Kubernetes API (with Argo CD and Argo Rollouts simulated) is reached through a kubeconfig, as a real cluster
+would be. The Jobs' pods are simulated: each prints, as its last log line, the JSON the real step printed when
+this test ran it here.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+import yaml
+from cluster.fake import FakeCluster, rollout_manifest
+from cluster.store import BY_KIND
+from cluster.workloads import JobPlan, add_gpu_node
+
+from pipeline.cache import preload
+from pipeline.errors import TerminalError
+from pipeline.evaluate import LocalWeights, evaluate, load_suite
+from pipeline.gitops import GitOps, init_repo
+from pipeline.quantize import Artifact
+from tests.loadservers import MODEL, Behaviour, running
+
+ROOT = Path(__file__).resolve().parent.parent
+STEPS = [{"setWeight": 50}, {"pause": {}}, {"setWeight": 100}]
+
+
+@pytest.fixture
+def world(tmp_path: Path, quantized: Callable[[str, str], Artifact], monkeypatch: pytest.MonkeyPatch) -> Iterator[dict]:
+    remote = tmp_path / "gitops.git"
+    init_repo(remote)
+    cluster = FakeCluster()
+    kubeconfig = tmp_path / "kubeconfig"
+    kubeconfig.write_text(yaml.safe_dump({
+        "apiVersion": "v1", "kind": "Config", "current-context": "fake",
+        "clusters": [{"name": "fake", "cluster": {"server": cluster.server.url}}],
+        "users": [{"name": "fake", "user": {"token": "not-a-secret"}}],
+        "contexts": [{"name": "fake", "context": {"cluster": "fake", "user": "fake"}}],
+    }))  # fmt: skip
+    monkeypatch.setenv("KUBECONFIG", str(kubeconfig))
+    argocd = cluster.with_argocd(str(remote))
+    for env in ("staging", "prod"):
+        cluster.create_rollout(f"llm-{env}", rollout_manifest("llm-inference", STEPS))
+        argocd.add_application(f"llm-inference-{env}", f"envs/{env}/values.yaml", f"llm-{env}", "llm-inference")
+    add_gpu_node(cluster.server, "gpu-1", {"cloud.google.com/gke-accelerator": "nvidia-l4"}, gpus=4)
+    cluster.tick()
+    # What the Jobs print: the real quantize, preload and evaluate results of the small model.
+    artifact = quantized("llmcompressor", "gptq")
+    entry = preload(Path(artifact.path), tmp_path / "pvc")
+    report = evaluate(LocalWeights(Path(entry.path)), load_suite("smoke"))
+    printed = {
+        "quantize": {**artifact.model_dump(mode="json"), "skipped": False},
+        "preload": entry.model_dump(mode="json"),
+        "evaluate": {"ok": True, "report": report.model_dump(mode="json")},
+    }
+    for step, result in printed.items():
+        cluster.jobs.plan(f"modelctl-{step}", JobPlan(log=f"working\n{json.dumps(result)}\n"))
+    try:
+        yield {"cluster": cluster, "remote": remote, "tmp": tmp_path, "artifact": artifact}
+    finally:
+        cluster.close()
+
+
+def config_for(world: dict, endpoint: str, duration_s: float = 0.6, concurrency: int = 4) -> str:
+    cfg = yaml.safe_load((ROOT / "examples" / "cluster" / "promotion.yaml").read_text())
+    cfg["gitops"]["url"] = str(world["remote"])
+    cfg["model"]["served_name"] = MODEL
+    for env in cfg["environments"].values():
+        env["endpoint"] = endpoint
+        env["approval"] = {"required": False}
+        env["canary"] = {"checks": ["load"], "consecutive_passes": 1, "check_interval_s": 0.01,
+                         "step_timeout_s": 30, "sync_timeout_s": 30}  # fmt: skip
+        env["gates"]["load"]["profile"] = {"concurrency": concurrency, "duration_s": duration_s, "warmup_s": 0.1,
+                                           "prompt_tokens": 8, "max_tokens": 4}  # fmt: skip
+        env["gates"]["load"]["slo"]["min_requests"] = 5
+        env["gates"]["load"]["slo"]["latency_ms"] = {"ttft_p95": 250}
+        env["gates"]["eval"] = {"suite": "smoke"}
+    path = world["tmp"] / "promotion.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return str(path)
+
+
+def history(world: dict, env: str) -> list[str]:
+    entries = GitOps.open(str(world["remote"]), world["tmp"] / f"look-{env}").history(env)
+    return [f"{e.action}:{e.reverts if e.action == 'revert' else e.artifact}" for e in entries]
+
+
+@pytest.mark.slow
+@pytest.mark.prefect
+def test_staging_then_prod_walk_to_healthy(prefect_harness: None, tiny_model: Path, world: dict) -> None:
+    from flows.promote import promote
+
+    cluster: FakeCluster = world["cluster"]
+    artifact_id = world["artifact"].id
+    with running(Behaviour()) as canary:
+        config = config_for(world, canary.url)
+        with cluster.running():
+            with pytest.raises(TerminalError, match="prod requires staging first"):
+                promote(str(tiny_model), "prod", config=config, method="gptq", workdir=str(world["tmp"] / "w"))
+            staging = promote(str(tiny_model), "staging", config=config, method="gptq", workdir=str(world["tmp"] / "w"))
+            prod = promote(str(tiny_model), "prod", config=config, method="gptq", workdir=str(world["tmp"] / "w"))
+    for record in (staging, prod):
+        assert record["decision"] == "promoted" and record["rollout"]["final"] == "done", record["reason"]
+        assert record["eval_gate"]["rows"] and record["artifact"]["id"] == artifact_id
+    assert history(world, "staging") == [f"promote:{artifact_id}"]
+    assert history(world, "prod") == [f"promote:{artifact_id}"]
+    for env in ("staging", "prod"):
+        rollout = cluster.rollout(f"llm-{env}", "llm-inference")
+        assert (
+            rollout["status"]["phase"] == "Healthy"
+            and rollout["status"]["stableRS"] == rollout["status"]["currentPodHash"]
+        )
+    jobs, _ = cluster.store.list(BY_KIND["Job"], None)
+    ran = sorted(
+        (j["metadata"]["labels"]["modelctl.io/environment"], j["metadata"]["labels"]["modelctl.io/step"]) for j in jobs
+    )
+    assert ran == [(env, step) for env in ("prod", "staging") for step in ("evaluate", "preload", "quantize")]
+    assert len(cluster.server.sent("create", "/namespaces/llm-prod/jobs")) == 4, "the refused run's Job was reused"
+
+
+@pytest.mark.slow
+@pytest.mark.prefect
+def test_a_canary_that_breaches_its_slo_is_reverted(prefect_harness: None, tiny_model: Path, world: dict) -> None:
+    from flows.promote import promote
+
+    cluster: FakeCluster = world["cluster"]
+    before = cluster.rollout("llm-staging", "llm-inference")["spec"]["template"]
+    with running(Behaviour(ttft_delay=0.5)) as slow_canary:
+        config = config_for(world, slow_canary.url, duration_s=3.0, concurrency=10)  # >= 20 requests for a p95
+        with cluster.running(), pytest.raises(TerminalError, match="was reverted") as info:
+            promote(str(tiny_model), "staging", config=config, method="gptq", workdir=str(world["tmp"] / "w"))
+    assert "ttft_p95" in str(info.value)
+    entries = history(world, "staging")
+    assert entries[0].startswith("revert:") and entries[1] == f"promote:{world['artifact'].id}"
+    rollout = cluster.rollout("llm-staging", "llm-inference")
+    assert rollout["spec"]["template"] == before and rollout["status"]["phase"] == "Healthy"
