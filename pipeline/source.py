@@ -110,7 +110,8 @@ def resolve(ref: str, policy: SourcePolicy | None = None) -> ModelSource:
     return _resolve_hub(match.group("repo"), match.group("rev"), policy)
 
 
-def _sha256(path: Path) -> str:
+def file_sha256(path: Path) -> str:
+    """The sha256 of a file, read in 1 MiB blocks."""
     digest = hashlib.sha256()
     with open(path, "rb") as handle:
         for block in iter(lambda: handle.read(1 << 20), b""):
@@ -140,7 +141,7 @@ def _resolve_local(path: Path, policy: SourcePolicy) -> ModelSource:
     if not path.is_dir():
         raise TerminalError(f"model directory {path} does not exist", hint="check the path")
     files = [
-        SourceFile(name=str(p.relative_to(path)), size=p.stat().st_size, sha256=_sha256(p))
+        SourceFile(name=str(p.relative_to(path)), size=p.stat().st_size, sha256=file_sha256(p))
         for p in sorted(path.rglob("*"))
         if p.is_file() and not p.name.startswith(".")
     ]

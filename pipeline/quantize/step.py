@@ -7,7 +7,6 @@ exists the step is a skip that reads one JSON file: no model is loaded.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -29,17 +28,9 @@ from pipeline.quantize.recipe import (
     load_calibration,
     tool_version,
 )
-from pipeline.source import ModelSource, SourcePolicy, fetch
+from pipeline.source import ModelSource, SourcePolicy, fetch, file_sha256
 
 Progress = Callable[[str, float], None]
-
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def read_artifact(path: Path) -> Artifact:
