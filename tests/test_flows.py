@@ -202,3 +202,16 @@ def test_approval_pauses_before_the_commit_and_resumes(prefect_harness: None, ti
     assert "error" not in outcome, outcome
     assert outcome["record"]["decision"] == "promoted"  # type: ignore[index]
     assert len(history(site)) == 1
+
+
+@pytest.mark.prefect
+def test_watch_promotes_a_new_revision_once(prefect_harness: None, tiny_model: Path, site: Path) -> None:
+    from flows.watch import watch
+
+    config = site / "promotion.yaml"
+    config.write_text(config.read_text().replace("model:\n", f"model:\n  source: {tiny_model}\n", 1))
+    first = watch(config=str(config), workdir=str(site / "work"))
+    assert first["promoted"] is not None and first["env"] == "local"
+    again = watch(config=str(config), workdir=str(site / "work"))
+    assert again["promoted"] is None, "the same revision is not promoted twice"
+    assert len(history(site)) == 1

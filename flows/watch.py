@@ -1,0 +1,44 @@
+"""The watch flow (scheduled): when the tracked model has a new revision, promote it to the first environment.
+
+The tracked model is ``model.source`` in promotion.yaml (``org/name@branch`` or a local directory). Its revision
+is pinned now and compared with the revision live in the first environment of the promotion order (read from
+Git); a new one starts the promote flow as a subflow, an unchanged one is a skip.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from prefect import flow, get_run_logger
+
+from flows.promote import promote
+from flows.steps import gitops_for, resolve_step
+from pipeline.config import load_config
+from pipeline.errors import TerminalError
+from pipeline.gitops.commits import live_promotions
+from pipeline.source import SourcePolicy
+
+
+@flow(name="watch", log_prints=True)
+def watch(config: str = "promotion.yaml", workdir: str | None = None) -> dict[str, Any]:
+    """Promote the tracked model's new revision, if there is one, to the first environment."""
+    logger = get_run_logger()
+    cfg = load_config(config)
+    if not cfg.model.source:
+        raise TerminalError("promotion.yaml tracks no model", hint="set model.source to org/name@branch to watch it")
+    first = cfg.promotion_order()[0]
+    policy = SourcePolicy(
+        allow_pickle=cfg.model.allow_pickle,
+        trust_remote_code=cfg.model.trust_remote_code,
+        token_env=cfg.model.hub_token_env,
+    )
+    source = resolve_step(cfg.model.source, policy)
+    live = live_promotions(gitops_for(cfg, Path(workdir) if workdir else None).history(first))
+    if live and live[0].model == source.repo and live[0].revision == source.sha:
+        logger.info("%s is already live in %s: nothing to do", source.ref, first)
+        return {"env": first, "revision": source.sha, "promoted": None}
+    ref = source.path if source.kind == "local" and source.path else f"{source.repo}@{source.sha}"
+    logger.info("new revision %s: promoting it to %s", source.ref, first)
+    record = promote(ref, first, config=config, workdir=workdir)
+    return {"env": first, "revision": source.sha, "promoted": record["id"]}
