@@ -241,6 +241,12 @@ class CanaryPolicy(Strict):
     metrics_window: str = Field("2m", pattern=r"^[0-9]+[smh]$")
 
 
+class Reevaluation(Strict):
+    """What the scheduled re-evaluation of a live environment does when the live model regressed."""
+
+    rollback_on_regression: bool = False
+
+
 class Approval(Strict):
     required: bool = False
     timeout_s: PositiveFloat = 86400.0
@@ -261,6 +267,7 @@ class Environment(Strict):
     gates: Gates = Gates()
     canary: CanaryPolicy = CanaryPolicy()
     approval: Approval = Approval()
+    reevaluate: Reevaluation = Reevaluation()
     requires: list[str] = Field(default_factory=list, description="environments that must come first")
 
     @field_validator("values_file")

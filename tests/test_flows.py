@@ -215,3 +215,25 @@ def test_watch_promotes_a_new_revision_once(prefect_harness: None, tiny_model: P
     again = watch(config=str(config), workdir=str(site / "work"))
     assert again["promoted"] is None, "the same revision is not promoted twice"
     assert len(history(site)) == 1
+
+
+@pytest.mark.slow
+@pytest.mark.prefect
+def test_reevaluate_rolls_back_a_live_model_that_regressed(prefect_harness: None, tiny_model: Path, site: Path) -> None:
+    from flows.promote import promote
+    from flows.reevaluate import reevaluate
+
+    (site / "cache-root").write_text(str(site / "own-cache"))  # this test damages its live weights: not shared
+    config = Path(write_config(site))
+    config.write_text(config.read_text() + "    reevaluate: {rollback_on_regression: true}\n")
+    record = promote(str(tiny_model), "local", config=str(config), workdir=str(site / "work"))
+    assert reevaluate(config=str(config), workdir=str(site / "work"))["local"]["verdict"] == "ok"
+    # The live weights go bad (a broken volume, a bad manual copy): the scheduled re-evaluation must notice.
+    live = site / "own-cache" / record["artifact"]["id"]
+    damaged = tinymodel.damage(tiny_model, site / "damaged")
+    for name in ("model.safetensors", "config.json"):
+        (live / name).unlink()
+        (live / name).write_bytes((damaged / name).read_bytes())
+    result = reevaluate(config=str(config), workdir=str(site / "work"))["local"]
+    assert result["verdict"] == "regressed" and result["action"] == "rolled back"
+    assert history(site)[0] == f"revert:{record['id']}"
