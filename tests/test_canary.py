@@ -207,23 +207,9 @@ def test_a_failed_flow_run_reverts_the_promotion_it_committed(
     """The promote flow's on_failure/on_crashed hook, against the fake cluster reached through a kubeconfig."""
     from types import SimpleNamespace
 
-    import yaml
-
     from flows.promote import revert_after_failure
 
-    kubeconfig = tmp_path / "kubeconfig"
-    kubeconfig.write_text(
-        yaml.safe_dump(
-            {
-                "apiVersion": "v1",
-                "kind": "Config",
-                "clusters": [{"name": "fake", "cluster": {"server": stage.cluster.server.url}}],
-                "users": [{"name": "fake", "user": {"token": "not-a-secret"}}],
-                "contexts": [{"name": "fake", "context": {"cluster": "fake", "user": "fake"}}],
-                "current-context": "fake",
-            }
-        )
-    )
+    kubeconfig = write_kubeconfig(stage, tmp_path)
     monkeypatch.setenv("KUBECONFIG", str(kubeconfig))
     config = tmp_path / "promotion.yaml"
     text = (ROOT / "examples" / "cluster" / "promotion.yaml").read_text()
@@ -250,3 +236,50 @@ def test_a_failed_flow_run_reverts_the_promotion_it_committed(
     history = stage.gitops.history("staging")
     assert history[0].action == "revert" and history[0].reverts == promotion.id
     assert stage.seen().client_phase == "Healthy" and stage.seen().finished
+
+
+def write_kubeconfig(stage: Stage, tmp_path: Path) -> Path:
+    """A kubeconfig pointing at the fake API server, as a real cluster's would."""
+    import yaml
+
+    kubeconfig = tmp_path / "kubeconfig"
+    kubeconfig.write_text(
+        yaml.safe_dump(
+            {
+                "apiVersion": "v1",
+                "kind": "Config",
+                "clusters": [{"name": "fake", "cluster": {"server": stage.cluster.server.url}}],
+                "users": [{"name": "fake", "user": {"token": "not-a-secret"}}],
+                "contexts": [{"name": "fake", "context": {"cluster": "fake", "user": "fake"}}],
+                "current-context": "fake",
+            }
+        )
+    )
+    return kubeconfig
+
+
+def test_status_shows_a_dangling_promotion(stage: Stage, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import json
+
+    from typer.testing import CliRunner
+
+    from pipeline.cli import app
+
+    monkeypatch.setenv("KUBECONFIG", str(write_kubeconfig(stage, tmp_path)))
+    config = tmp_path / "promotion.yaml"
+    text = (ROOT / "examples" / "cluster" / "promotion.yaml").read_text()
+    config.write_text(text.replace("https://github.com/example-org/llm-gitops.git", str(stage.remote)))
+    promotion, commit = stage.promote("awq-w4a16-g128-0000000000000008")
+    assert ENV.argocd is not None
+    stage.kube.request_refresh(ENV.argocd)
+    with stage.cluster.running():
+        stage.kube.wait_synced(ENV.argocd, commit, 10)  # the canary now waits at its first pause, nobody drives it
+    args = ["status", "-c", str(config), "--env", "staging", "--workdir", str(tmp_path / "work")]
+    result = CliRunner().invoke(app, [*args, "--json"])
+    assert result.exit_code == 0, result.output
+    [row] = json.loads(result.stdout)["environments"]
+    assert row["current"]["promotion_id"] == promotion.id
+    assert row["dangling"] and f"--id {promotion.id}" in row["dangling"] and "Paused" in row["rollout"]
+    with stage.kube.hold_lease("staging", "llm-staging", "flow-run-7"):  # a live promotion drives it: not dangling
+        busy = CliRunner().invoke(app, [*args, "--json"])
+    assert json.loads(busy.stdout)["environments"][0]["dangling"] is None

@@ -116,14 +116,19 @@ def status(
                 "last_commit": dataclasses.asdict(history[0]) if history else None,
                 "rollout": None,
                 "in_flight": None,
+                "dangling": None,
             }
             environment = cfg.environments[name]
             if environment.executor == "kubernetes":
                 row.update(_cluster_status(name, environment))
+                row["dangling"] = dangling(row, name)
             rows.append(row)
     if as_json:
         emit_json({"ok": True, "environments": rows})
         return
+    for row in rows:
+        if row.get("dangling"):
+            out.print(f"[bold red]![/] {row['dangling']}")
     table = Table("environment", "running", "artifact", "since commit", "rollout", "in flight")
     for row in rows:
         current = row["current"]
@@ -139,6 +144,19 @@ def status(
     out.print(table)
 
 
+def dangling(row: dict[str, Any], env: str) -> str | None:
+    """A promotion left mid-canary with nobody driving it (its process was killed): what to do about it."""
+    current, seen = row.get("current"), row.get("seen")
+    if not current or seen is None or row.get("in_flight") or (seen["finished"] and not seen["aborted"]):
+        return None
+    pid = current["promotion_id"]
+    return (
+        f"promotion {pid} to {env} is dangling: its Rollout is {row['rollout']} and no promotion holds the "
+        f"environment. Re-run it to finish or revert it (`modelctl promote {current['model']}@{current['revision']} "
+        f"--env {env} --id {pid}`), or roll it back (`modelctl rollback --env {env}`)"
+    )
+
+
 def _cluster_status(name: str, environment: Any) -> dict[str, Any]:
     """The Rollout's phase and the Lease holder; 'unreachable' when there is no cluster connection."""
     from pipeline.errors import PipelineError
@@ -151,7 +169,7 @@ def _cluster_status(name: str, environment: Any) -> dict[str, Any]:
     except PipelineError as exc:
         return {"rollout": f"unreachable ({exc.what.splitlines()[0][:80]})"}
     rollout = f"{seen.client_phase} at {seen.step}" + (" (aborted)" if seen.aborted else "")
-    return {"rollout": rollout, "in_flight": lease}
+    return {"rollout": rollout, "in_flight": lease, "seen": {"finished": seen.finished, "aborted": seen.aborted}}
 
 
 def approve(
