@@ -30,7 +30,7 @@ def reeval_step(model_dir: Path, gate: EvalGate, live: PromotionRecord) -> GateR
     from pipeline.evaluate.report import baseline_from_record
 
     suite = load_suite(gate.suite)
-    report = evaluate(LocalWeights(model_dir), suite, use_cache=False)
+    report = evaluate(LocalWeights(model_dir), suite, use_cache=False, store=False)
     return eval_gate(report, baseline_from_record(live), suite, gate.policy)
 
 

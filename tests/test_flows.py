@@ -237,3 +237,7 @@ def test_reevaluate_rolls_back_a_live_model_that_regressed(prefect_harness: None
     result = reevaluate(config=str(config), workdir=str(site / "work"))["local"]
     assert result["verdict"] == "regressed" and result["action"] == "rolled back"
     assert history(site)[0] == f"revert:{record['id']}"
+    from pipeline.evaluate import LocalWeights, evaluate, load_suite
+
+    kept = evaluate(LocalWeights(live), load_suite("smoke"))  # the re-measurement did not overwrite the cache
+    assert kept.skipped and kept.metric("facts_mc", "acc,none").value >= 0.9  # type: ignore[union-attr]

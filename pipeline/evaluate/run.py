@@ -257,10 +257,14 @@ def evaluate(
     *,
     cache_dir: Path | None = None,
     use_cache: bool = True,
+    store: bool = True,
     offline: bool = True,
     progress: Progress | None = None,
 ) -> EvalReport:
     """Evaluate ``target`` on ``suite``, or return the cached report (marked skipped) when it exists.
+
+    ``use_cache=False`` measures again; ``store=False`` keeps the result out of the cache (a re-measurement of
+    what is live must not replace the result the artifact was promoted with).
 
     Raises:
         TerminalError: a bad model directory, an unknown task, a missing dataset, an endpoint without logprobs.
@@ -297,10 +301,11 @@ def evaluate(
         tasks=metrics_from_results(raw or {}, list(suite.tasks)),
         seconds=round(time.perf_counter() - started, 2),
     )
-    cached_file.parent.mkdir(parents=True, exist_ok=True)
-    tmp = cached_file.with_suffix(f".tmp{os.getpid()}")
-    tmp.write_text(report.model_dump_json(indent=2) + "\n", encoding="utf-8")
-    os.replace(tmp, cached_file)
+    if store:
+        cached_file.parent.mkdir(parents=True, exist_ok=True)
+        tmp = cached_file.with_suffix(f".tmp{os.getpid()}")
+        tmp.write_text(report.model_dump_json(indent=2) + "\n", encoding="utf-8")
+        os.replace(tmp, cached_file)
     if progress:
         progress("done", 1.0)
     return report
