@@ -102,6 +102,7 @@ def quantize(model_dir: Path, out: Path, recipe: Recipe, texts: list[str], progr
         )
     if progress:
         progress("writing compressed-tensors", 0.9)
-    model.save_pretrained(out, save_compressed=True)
+    with _quiet():
+        model.save_pretrained(out, save_compressed=True)
     tokenizer.save_pretrained(out)
     return "compressed-tensors"
