@@ -15,7 +15,6 @@ from pathlib import Path
 from typing import Any
 
 from prefect import flow, get_run_logger, task
-from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 from prefect.context import get_run_context
 from prefect.transactions import transaction
@@ -23,6 +22,7 @@ from prefect.transactions import transaction
 from flows.approve import wait_for_approval
 from flows.gates import eval_job, eval_step, load_step
 from flows.guard import environment_slot
+from flows.reports import publish
 from flows.steps import (
     RETRIES,
     artifacts_root,
@@ -39,6 +39,7 @@ from pipeline.errors import TerminalError
 from pipeline.gates import GateResult
 from pipeline.gitops import GitOps, Promotion
 from pipeline.gitops.commits import live_promotions
+from pipeline.loadtest import LoadReport
 from pipeline.quantize import Artifact, Backend, Method, Recipe
 from pipeline.record import PromotionRecord, new_promotion_id
 from pipeline.source import SourcePolicy
@@ -192,6 +193,7 @@ def promote(
             }
         )
         gates: list[GateResult] = []
+        load_report: LoadReport | None = None
         if environment.gates.eval is not None:
             started = time.perf_counter()
             baseline = gitops.baseline(env)
@@ -205,6 +207,7 @@ def promote(
         if environment.gates.load is not None and environment.executor == "local" and all(g.passed for g in gates):
             started = time.perf_counter()
             report, result = load_step(Path(entry.path), environment.gates.load, cfg.model.served_name)
+            load_report = LoadReport.model_validate(report)
             timed("loadtest", started)
             record = record.model_copy(update={"load_report": report, "load_gate": result})
             gates.append(result)
@@ -212,7 +215,7 @@ def promote(
         if failed:
             reason = "; ".join(g.summary() for g in failed)
             record = record.model_copy(update={"decision": "rejected", "reason": reason, "timings": timings})
-            create_markdown_artifact(record.markdown(), key=f"promotion-{pid}", description=f"rejected: {env}")
+            publish(record, environment, load_report)
             logger.error("rejected, nothing committed: %s", reason)
             raise TerminalError(f"{artifact.id} was rejected for {env}, nothing was committed: {reason}")
         promotion = Promotion(
@@ -251,7 +254,7 @@ def promote(
                 update = {"rollout": outcome, "decision": decision, "reason": outcome["reason"]}
                 record = record.model_copy(update=update)
         record = record.model_copy(update={"timings": timings})
-    create_markdown_artifact(record.markdown(), key=f"promotion-{pid}", description=f"{record.decision}: {env}")
+    publish(record, environment, load_report)
     if record.decision == "reverted":
         raise TerminalError(f"promotion {pid} to {env} was reverted: {record.reason}")
     return record.model_dump(mode="json")

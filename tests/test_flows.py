@@ -86,6 +86,12 @@ def test_promote_gates_commits_and_records(prefect_harness: None, tiny_model: Pa
     assert (cache / artifact / ".complete").is_file(), "the artifact was preloaded and verified"
     stored = GitOps.open(str(site / "remote.git"), site / "look2").record("local", record["id"])
     assert stored.decision == "promoted" and stored.eval_report is not None
+    from prefect import get_client
+
+    with get_client(sync_client=True) as client:
+        keys = {a.key for a in client.read_artifacts()}
+    key = f"promotion-{record['id']}"
+    assert {key, f"{key}-eval-gate", f"{key}-load-gate", f"{key}-latency"} <= keys, "report, tables and plot in the UI"
 
 
 @pytest.mark.slow
