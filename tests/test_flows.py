@@ -149,18 +149,18 @@ def test_a_crash_after_the_commit_converges_on_rerun(
     from pipeline.record import new_promotion_id
 
     pid = new_promotion_id()
-    real_artifact = module.create_markdown_artifact
+    real_publish = module.publish
 
     def crash(*args: object, **kwargs: object) -> None:
         raise KeyboardInterrupt("the process died right after its commit")
 
-    monkeypatch.setattr(module, "create_markdown_artifact", crash)
+    monkeypatch.setattr(module, "publish", crash)
     with pytest.raises(KeyboardInterrupt):
         module.promote(
             str(tiny_model), "local", config=str(site / "promotion.yaml"), promotion_id=pid, workdir=str(site / "work")
         )
     assert len(history(site)) == 1, "the commit landed before the crash"
-    monkeypatch.setattr(module, "create_markdown_artifact", real_artifact)
+    monkeypatch.setattr(module, "publish", real_publish)
     record = module.promote(
         str(tiny_model), "local", config=str(site / "promotion.yaml"), promotion_id=pid, workdir=str(site / "work")
     )
