@@ -37,28 +37,69 @@ def _query(url: str, promql: str) -> float | None:
     return None if value != value else value  # NaN: no data in the window
 
 
+def _pod_labels(namespace: str, pod_hash: str) -> str:
+    return f'namespace="{namespace}",rollouts_pod_template_hash="{pod_hash}"'
+
+
 def ttft_p95_query(namespace: str, pod_hash: str, window: str) -> str:
-    labels = f'namespace="{namespace}",rollouts_pod_template_hash="{pod_hash}"'
+    labels = _pod_labels(namespace, pod_hash)
     return (
         f"histogram_quantile(0.95, sum by (le) (rate(vllm:time_to_first_token_seconds_bucket{{{labels}}}[{window}])))"
     )
 
 
 def error_ratio_query(namespace: str, pod_hash: str, window: str) -> str:
-    labels = f'namespace="{namespace}",rollouts_pod_template_hash="{pod_hash}"'
+    """5xx answers / all answers of the OpenAI API (``/v1/...``) on the pods of ``pod_hash``.
+
+    vLLM's ``http_requests_total{status="5xx"}`` series exists only after the first 5xx answer, so a healthy pod has
+    none: the numerator reads a missing series as 0 (``or vector(0)``). The denominator has no such fallback, so a pod
+    that answered nothing in the window stays "no data" (or NaN for 0/0): inconclusive, never a pass.
+    """
+    labels = f'{_pod_labels(namespace, pod_hash)},handler=~"/v1/.*"'
     return (
-        f'sum(rate(http_requests_total{{status="5xx",{labels}}}[{window}])) '
+        f'(sum(rate(http_requests_total{{status="5xx",{labels}}}[{window}])) or vector(0)) '
         f"/ sum(rate(http_requests_total{{{labels}}}[{window}]))"
     )
 
 
+def _vs_stable_row(canary_ms: float | None, stable_ttft: float | None, stable: str, env: Environment) -> GateRow:
+    """Canary TTFT p95 against stable's: inconclusive (never left out) when either side has no data."""
+    ratio, name = env.canary.max_ttft_ratio_vs_stable, "canary ttft_p95 vs stable"
+    if canary_ms is None or stable_ttft is None:
+        why = (
+            "no TTFT samples from the canary pods: nothing to compare"
+            if canary_ms is None
+            else f"no TTFT samples from the stable pods ({stable}) in the window: nothing to compare with"
+        )
+        return GateRow(name=name, value=canary_ms, limit=f"<= x{ratio:g} stable", verdict="inconclusive", why=why)
+    limit = stable_ttft * 1000 * ratio
+    ok = canary_ms <= limit
+    return GateRow(
+        name=name,
+        value=canary_ms,
+        baseline=stable_ttft * 1000,
+        limit=f"<= {limit:.0f} ms",
+        verdict="pass" if ok else "fail",
+        why=f"{canary_ms:.0f} ms vs stable {stable_ttft * 1000:.0f} ms (x{ratio:g} = {limit:.0f})",
+    )
+
+
 def metrics_rows(
-    canary_ttft: float | None, stable_ttft: float | None, error_ratio: float | None, env: Environment
+    canary_ttft: float | None,
+    stable_ttft: float | None,
+    error_ratio: float | None,
+    env: Environment,
+    stable: str = "stable",
 ) -> list[GateRow]:
-    """Judge the canary's metrics (seconds, ratio) against stable's and the SLO. Pure."""
-    policy, rows = env.canary, []
+    """Judge the canary's metrics (seconds, ratio) against stable's and the SLO. Pure.
+
+    ``None`` means "no data" (no samples in the window); each such value gives an inconclusive row, so a canary
+    nobody sent requests to is never passed. ``stable`` names the stable pods in the explanation.
+    """
+    rows: list[GateRow] = []
     slo = env.gates.load.slo if env.gates.load else None
-    if canary_ttft is None:
+    ms = None if canary_ttft is None else canary_ttft * 1000
+    if ms is None:
         rows.append(
             GateRow(
                 name="canary ttft_p95",
@@ -68,34 +109,18 @@ def metrics_rows(
                 why="no TTFT samples from the canary pods yet (no traffic in the window?)",
             )
         )
-    else:
-        ms = canary_ttft * 1000
-        if stable_ttft is not None:
-            limit = stable_ttft * 1000 * policy.max_ttft_ratio_vs_stable
-            ok = ms <= limit
-            ratio = policy.max_ttft_ratio_vs_stable
-            why = f"{ms:.0f} ms vs stable {stable_ttft * 1000:.0f} ms (x{ratio:g} = {limit:.0f})"
-            rows.append(
-                GateRow(
-                    name="canary ttft_p95 vs stable",
-                    value=ms,
-                    baseline=stable_ttft * 1000,
-                    limit=f"<= {limit:.0f} ms",
-                    verdict="pass" if ok else "fail",
-                    why=why,
-                )
+    rows.append(_vs_stable_row(ms, stable_ttft, stable, env))
+    if ms is not None and slo and "ttft_p95" in slo.latency_ms:
+        bound = slo.latency_ms["ttft_p95"]
+        rows.append(
+            GateRow(
+                name="canary ttft_p95",
+                value=ms,
+                limit=f"<= {bound:g} ms",
+                verdict="pass" if ms <= bound else "fail",
+                why=f"{ms:.0f} ms {'<=' if ms <= bound else '>'} {bound:g} ms",
             )
-        if slo and "ttft_p95" in slo.latency_ms:
-            bound = slo.latency_ms["ttft_p95"]
-            rows.append(
-                GateRow(
-                    name="canary ttft_p95",
-                    value=ms,
-                    limit=f"<= {bound:g} ms",
-                    verdict="pass" if ms <= bound else "fail",
-                    why=f"{ms:.0f} ms {'<=' if ms <= bound else '>'} {bound:g} ms",
-                )
-            )
+        )
     max_errors = slo.max_error_rate if slo else 0.01
     if error_ratio is None:
         rows.append(
@@ -136,11 +161,14 @@ def metrics_check(env_name: str, env: Environment) -> Check:
 
     def check(seen: ObservedRollout) -> GateResult:
         canary, stable = seen.current_pod_hash or "", seen.stable_rs or ""
+        # With no stable ReplicaSet distinct from the canary there is nothing to compare with: that reads as
+        # "no data" (inconclusive), not as a comparison left out.
         rows = metrics_rows(
             _query(url, ttft_p95_query(namespace, canary, window)),
             _query(url, ttft_p95_query(namespace, stable, window)) if stable and stable != canary else None,
             _query(url, error_ratio_query(namespace, canary, window)),
             env,
+            stable=f"hash {stable}" if stable and stable != canary else "no stable ReplicaSet besides the canary",
         )
         return GateResult(gate="canary metrics", rows=rows)
 
