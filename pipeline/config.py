@@ -302,12 +302,38 @@ class Environment(Strict):
         return self
 
 
+class LocalArtifactStore(Strict):
+    """Artifacts published into a directory every environment can read (the local environment, the sandbox)."""
+
+    store: Literal["local"]
+    path: str = Field(description="store directory; relative paths are relative to this file")
+
+    @field_validator("path")
+    @classmethod
+    def _path(cls, value: str, info: ValidationInfo) -> str:
+        return str((_base_dir(info) / Path(value).expanduser()).resolve())
+
+
+class HubArtifactStore(Strict):
+    """Artifacts published into a private Hub repo of the organization, each pinned to its upload commit."""
+
+    store: Literal["hub"]
+    repo: str = Field(pattern=r"^[\w.-]+/[\w.-]+$", description="org/name of the (private) model repo")
+    token_env: str = Field("HF_TOKEN", description="environment variable holding a token with write access")
+
+
+ArtifactStoreSettings = Annotated[LocalArtifactStore | HubArtifactStore, Field(discriminator="store")]
+
+
 class PromotionConfig(Strict):
     """The whole of promotion.yaml."""
 
     version: Literal[1] = 1
     gitops: GitOpsRepo
     model: ModelSettings = ModelSettings()
+    artifacts: ArtifactStoreSettings | None = Field(
+        None, description="the store every environment preloads the evaluated bytes from"
+    )
     environments: dict[Annotated[str, Field(pattern=ENV_NAME)], Environment] = Field(min_length=1)
 
     def promotion_order(self) -> list[str]:
