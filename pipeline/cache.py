@@ -310,6 +310,15 @@ def preload(
     return _run(artifact_plan(artifact_dir), cache_root, verify, progress)
 
 
+def preload_plan(plan: Plan, cache_root: Path, *, verify: bool = False, progress: Progress | None = None) -> CacheEntry:
+    """Preload whatever ``plan`` describes (an artifact store's files, for one) the same verified, resumable way.
+
+    Raises:
+        TerminalError: a file read through the plan differs from its expected hash, or the cache lacks space.
+    """
+    return _run(plan, cache_root, verify, progress)
+
+
 def hub_entry_id(source: ModelSource) -> str:
     """The cache id of a Hub repo taken as it is: ``hub--org--name--<sha12>``."""
     return f"hub--{source.repo.replace('/', '--')}--{source.sha[:12]}"
