@@ -43,6 +43,36 @@ class TransientError(PipelineError):
     retryable = True
 
 
+class NotFound(TerminalError):
+    """404: the object (or the kind: a missing CRD) is not there. Callers that expect absence catch this only."""
+
+
+class Forbidden(TerminalError):
+    """401/403: the identity the pipeline runs as may not do this; an RBAC grant (or a credential) is missing.
+
+    ``verb``, ``resource`` (``plural[/subresource]``), ``group``, ``namespace`` ("" at the cluster scope) and
+    ``user`` come from the API server's answer when it names them.
+    """
+
+    def __init__(
+        self,
+        what: str,
+        *,
+        hint: str | None = None,
+        verb: str = "",
+        resource: str = "",
+        group: str = "",
+        namespace: str = "",
+        user: str = "",
+    ) -> None:
+        self.verb, self.resource, self.group, self.namespace, self.user = verb, resource, group, namespace, user
+        super().__init__(what, hint=hint)
+
+
+class Conflict(TransientError):
+    """409: the object changed (or already exists) under us; the operation re-reads and tries again."""
+
+
 class ConfigError(TerminalError):
     """A configuration file is unreadable or invalid.
 

@@ -19,7 +19,8 @@ from pipeline.kube import Backoff, Kube
 from pipeline.rollout import Abort, Done, Promote, Wait, decide
 
 APP = ArgoCDApp(application="llm-staging", namespace="argocd")
-REF = RolloutRef(name="llm", namespace="staging")
+REF = RolloutRef(name="llm", namespace="llm-staging")
+NS = REF.namespace  # Leases and Jobs live in the Rollout's namespace, as the pipeline puts them
 STEPS = [{"setWeight": 50}, {"pause": {}}, {"setWeight": 100}, {"pause": {}}]
 GOOD = GateResult(gate="canary", rows=[GateRow(name="ttft_p95", value=90, limit="<= 200", verdict="pass", why="ok")])
 BAD = GateResult(
@@ -183,7 +184,7 @@ def test_promote_full_and_retry_send_the_argo_patches(kube: Kube, cluster: FakeC
     assert kube.rollout(REF).step_index == 3
     kube.abort(REF)
     cluster.tick()
-    assert kube.retry(REF) == [("status", {"status": {"abort": False}})]
+    assert kube.retry(REF) == [("status", {"status": {"abort": None}})]  # removed, as Argo CD's retry does
     cluster.tick()
     assert kube.rollout(REF).client_phase == "Paused"  # back at the first pause step
     assert kube.promote(REF, full=True) == [("status", {"status": {"promoteFull": True}})]
@@ -232,46 +233,46 @@ def test_api_errors_are_bounded_and_carry_no_secrets(
     assert "gave up after 4 attempts" in str(caught.value) and "500" in str(caught.value)
     assert token not in str(caught.value) and "s3cret-gitops-value" not in str(caught.value)
     with pytest.raises(TerminalError, match="answered 404"):
-        kube.rollout(RolloutRef(name="missing", namespace="staging"))
+        kube.rollout(RolloutRef(name="missing", namespace="llm-staging"))
 
 
 def test_one_promotion_per_environment(kube: Kube, cluster: FakeCluster) -> None:
-    mine = kube.acquire_lease("prod", "modelctl", "promotion-a", duration_s=60)
+    mine = kube.acquire_lease("prod", NS, "promotion-a", duration_s=60)
     with pytest.raises(TerminalError) as caught:
-        kube.acquire_lease("prod", "modelctl", "promotion-b", duration_s=60)
+        kube.acquire_lease("prod", NS, "promotion-b", duration_s=60)
     assert "already being promoted by promotion-a (since " in str(caught.value)
     assert mine.acquired_at.isoformat(timespec="seconds")[:16] in str(caught.value)
-    assert kube.acquire_lease("staging", "modelctl", "promotion-b").holder == "promotion-b"  # other envs are free
+    assert kube.acquire_lease("staging", NS, "promotion-b").holder == "promotion-b"  # other envs are free
     cluster.server.fail("update", "leases", code=409, times=1)
     renewed = kube.renew_lease(mine)  # the 409 is re-read and retried
     assert renewed.resource_version != mine.resource_version and renewed.holder == "promotion-a"
     assert len(cluster.server.sent("update", "/leases/modelctl-promotion-prod")) == 2
     assert kube.release_lease(renewed) is True
-    assert kube.acquire_lease("prod", "modelctl", "promotion-b").holder == "promotion-b"
+    assert kube.acquire_lease("prod", NS, "promotion-b").holder == "promotion-b"
 
 
 def test_a_held_lease_is_renewed_while_the_block_runs_and_released_after(kube: Kube, cluster: FakeCluster) -> None:
-    with kube.hold_lease("prod", "modelctl", "promotion-a", duration_s=1) as hold:
-        first = cluster.get("Lease", "modelctl", hold.name)["spec"]["renewTime"]
+    with kube.hold_lease("prod", NS, "promotion-a", duration_s=1) as hold:
+        first = cluster.get("Lease", NS, hold.name)["spec"]["renewTime"]
         with pytest.raises(TerminalError, match="already being promoted by promotion-a"):
-            kube.acquire_lease("prod", "modelctl", "promotion-b")
+            kube.acquire_lease("prod", NS, "promotion-b")
         renewed = False
         for _ in range(200):  # wait (bounded) for the renewal beat; no timing is asserted
-            if cluster.get("Lease", "modelctl", hold.name)["spec"]["renewTime"] != first:
+            if cluster.get("Lease", NS, hold.name)["spec"]["renewTime"] != first:
                 renewed = True
                 break
             threading.Event().wait(0.02)
         assert renewed
     with pytest.raises(ApiError):  # released: the Lease is gone
-        cluster.get("Lease", "modelctl", hold.name)
+        cluster.get("Lease", NS, hold.name)
 
 
 def test_an_expired_lease_is_taken_over_and_its_old_holder_told(kube: Kube, cluster: FakeCluster) -> None:
-    old = kube.acquire_lease("prod", "modelctl", "crashed-run", duration_s=30)
-    cluster.update("Lease", "modelctl", old.name, lambda o: o["spec"].update(renewTime="2020-01-01T00:00:00.000000Z"))
-    new = kube.acquire_lease("prod", "modelctl", "promotion-b", duration_s=30)
+    old = kube.acquire_lease("prod", NS, "crashed-run", duration_s=30)
+    cluster.update("Lease", NS, old.name, lambda o: o["spec"].update(renewTime="2020-01-01T00:00:00.000000Z"))
+    new = kube.acquire_lease("prod", NS, "promotion-b", duration_s=30)
     assert new.holder == "promotion-b"
-    assert cluster.get("Lease", "modelctl", old.name)["spec"]["leaseTransitions"] == 1
+    assert cluster.get("Lease", NS, old.name)["spec"]["leaseTransitions"] == 1
     with pytest.raises(TerminalError, match=r"lost the promotion lease .* to promotion-b"):
         kube.renew_lease(old)
     assert kube.release_lease(old) is False  # not ours any more: left alone
@@ -304,10 +305,10 @@ def test_jobs_succeed_are_reused_and_fail_with_their_logs(kube: Kube, cluster: F
 
     cluster.jobs.plan("quantize-bad", JobPlan(exit_code=1, log="loading...\nValueError: group_size 96 unsupported\n"))
     with cluster.running():
-        first = kube.run_job("modelctl", job("quantize-ok"), timeout_s=10)
-        again = kube.run_job("modelctl", job("quantize-ok"), timeout_s=10)
+        first = kube.run_job(NS, job("quantize-ok"), timeout_s=10)
+        again = kube.run_job(NS, job("quantize-ok"), timeout_s=10)
         with pytest.raises(TerminalError) as caught:
-            kube.run_job("modelctl", job("quantize-bad"), timeout_s=10)
+            kube.run_job(NS, job("quantize-bad"), timeout_s=10)
     assert first.succeeded and first.created and again.succeeded and not again.created
     assert "BackoffLimitExceeded" in str(caught.value)
     assert "ValueError: group_size 96 unsupported" in str(caught.value)
@@ -317,4 +318,4 @@ def test_a_job_that_never_starts_times_out(kube: Kube, cluster: FakeCluster, tmp
     cluster.jobs.pending.add("preload")
     spec = {"template": {"spec": {"restartPolicy": "Never", "containers": [{"name": "c", "image": "i"}]}}}
     with cluster.running(), pytest.raises(TerminalError, match=r"did not finish within 0\.5s"):
-        kube.run_job("modelctl", {"metadata": {"name": "preload-1"}, "spec": spec}, timeout_s=0.5)
+        kube.run_job(NS, {"metadata": {"name": "preload-1"}, "spec": spec}, timeout_s=0.5)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -14,7 +15,7 @@ import urllib3
 from kubernetes import client, config
 from kubernetes.client.exceptions import ApiException
 
-from pipeline.errors import PipelineError, TerminalError, TransientError
+from pipeline.errors import Conflict, Forbidden, NotFound, PipelineError, TerminalError, TransientError
 from pipeline.secrets import redact
 
 T = TypeVar("T")
@@ -28,8 +29,14 @@ def parse_time(text: str) -> datetime:
     return datetime.fromisoformat(text.replace("Z", "+00:00"))
 
 
-class ConflictError(TransientError):
-    """409: the object changed (or exists) under us; the operation re-reads and tries again."""
+ConflictError = Conflict  # the name this package used before pipeline.errors had it
+
+# The API server's 403 text (apiserver responsewriters.forbiddenMessage), from which the verb, resource, group,
+# namespace and user are read back to say exactly what to grant.
+_FORBIDDEN = re.compile(
+    r'User "(?P<user>[^"]*)" cannot (?P<verb>\S+) resource "(?P<resource>[^"]+)" in API group "(?P<group>[^"]*)"'
+    r'(?: in the namespace "(?P<namespace>[^"]*)"| at the cluster scope)'
+)
 
 
 @dataclass(frozen=True)
@@ -58,13 +65,19 @@ def classify(exc: BaseException, what: str) -> PipelineError:
         code, detail = exc.status or 0, redact(_api_message(exc))
         text = f"{what}: the Kubernetes API answered {code} ({detail})"
         if code == 409:
-            return ConflictError(text, hint="another writer changed it; re-read and try again")
+            return Conflict(text, hint="another writer changed it; re-read and try again")
         if code in (408, 429) or code >= 500:
             return TransientError(text, hint="the API server is busy or failing; try again shortly")
-        if code in (401, 403):
-            return TerminalError(text, hint="grant the pipeline's service account access to this resource (RBAC)")
+        if code == 403:
+            return forbidden(what, detail)
+        if code == 401:
+            return Forbidden(
+                f"{what}: the Kubernetes API answered 401 (Unauthorized): it did not accept the credentials",
+                hint="the token or client certificate is missing, wrong or expired; check the kubeconfig context "
+                "(or the pod's ServiceAccount token)",
+            )
         if code == 404:
-            return TerminalError(text, hint="check the name and namespace in promotion.yaml, and that it exists")
+            return NotFound(text, hint="check the name and namespace in promotion.yaml, and that it exists")
         return TerminalError(text, hint="the request was refused; fix the object or the configuration")
     if isinstance(exc, urllib3.exceptions.HTTPError | OSError | TimeoutError):
         return TransientError(
@@ -72,6 +85,40 @@ def classify(exc: BaseException, what: str) -> PipelineError:
             hint="check the connection to the cluster (kubeconfig context, VPN, API server health)",
         )
     return TerminalError(f"{what}: {type(exc).__name__}: {redact(str(exc))}")
+
+
+def forbidden(what: str, detail: str) -> Forbidden:
+    """A 403 that names who may not do which verb on which resource where, and the grant that would allow it."""
+    m = _FORBIDDEN.search(detail)
+    if m is None:
+        return Forbidden(
+            f"{what}: the Kubernetes API answered 403 ({detail})",
+            hint="grant the pipeline's ServiceAccount this access in gitops/rbac/pipeline.yaml (RBAC)",
+        )
+    user, verb, resource, group = m["user"], m["verb"], m["resource"], m["group"]
+    namespace = m["namespace"] or ""
+    sa = user.split(":") if user.startswith("system:serviceaccount:") else None
+    who = f"the ServiceAccount {sa[2]}/{sa[3]}" if sa and len(sa) == 4 else f'the user "{user}"'
+    subject = f"ServiceAccount {sa[3]} (namespace {sa[2]})" if sa and len(sa) == 4 else f"User {user}"
+    where = f"in the namespace {namespace}" if namespace else "at the cluster scope"
+    rule = f'apiGroups: ["{group}"], resources: ["{resource}"], verbs: ["{verb}"]'
+    binding = (
+        f"a Role (or ClusterRole) bound in namespace {namespace} by a RoleBinding"
+        if namespace
+        else "a ClusterRole bound by a ClusterRoleBinding"
+    )
+    base, _, sub = resource.partition("/")
+    can_i = f"kubectl auth can-i {verb} {base}{'.' + group if group else ''}"
+    can_i += (f" --subresource={sub}" if sub else "") + (f" -n {namespace}" if namespace else "") + f" --as={user}"
+    return Forbidden(
+        f"{what}: forbidden: {who} may not {verb} {resource} (API group {group or 'core'}) {where}",
+        hint=f"grant it {rule} through {binding} to {subject} (gitops/rbac/pipeline.yaml); check with `{can_i}`",
+        verb=verb,
+        resource=resource,
+        group=group,
+        namespace=namespace,
+        user=user,
+    )
 
 
 class KubeClient:
@@ -127,7 +174,7 @@ class KubeClient:
                 return fn(*args, **kwargs)
             except Exception as exc:
                 error = classify(exc, what)
-                if not error.retryable or isinstance(error, ConflictError):
+                if not error.retryable or isinstance(error, Conflict):
                     raise error from None
                 if attempt + 1 < self.backoff.attempts:
                     self.sleep(self.backoff.delay(attempt))
@@ -139,7 +186,7 @@ class KubeClient:
         for n in range(self.backoff.attempts):
             try:
                 return attempt()
-            except ConflictError:
+            except Conflict:
                 if n + 1 == self.backoff.attempts:
                     raise
                 self.sleep(self.backoff.delay(n))

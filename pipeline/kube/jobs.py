@@ -5,8 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from pipeline.errors import PipelineError, TerminalError
-from pipeline.kube.client import ConflictError, KubeClient
+from pipeline.errors import Conflict, PipelineError, TerminalError
+from pipeline.kube.client import KubeClient
 from pipeline.secrets import redact
 
 
@@ -31,7 +31,7 @@ class Jobs(KubeClient):
         name, created = manifest["metadata"]["name"], True
         try:
             self.call(f"create Job {namespace}/{name}", self.batch.create_namespaced_job, namespace, manifest)
-        except ConflictError:
+        except Conflict:  # AlreadyExists: the Job of an earlier run, reused
             created = False
         deadline, n = self.clock() + timeout_s, 0
         while True:

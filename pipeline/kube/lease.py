@@ -8,7 +8,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
 
-from pipeline.errors import PipelineError, TerminalError, TransientError
+from pipeline.errors import NotFound, PipelineError, TerminalError, TransientError
 from pipeline.kube.client import KubeClient, parse_time
 
 
@@ -34,7 +34,7 @@ class Leases(KubeClient):
             lease = self.read(
                 f"read the promotion Lease of {env!r}", self.coordination.read_namespaced_lease, name, namespace
             )
-        except TerminalError:  # 404: never held
+        except NotFound:  # never held (a 403 is raised: it says which grant is missing, never "free")
             return None
         spec = lease.get("spec") or {}
         holder, renewed = spec.get("holderIdentity"), spec.get("renewTime") or spec.get("acquireTime")
@@ -56,7 +56,7 @@ class Leases(KubeClient):
             stamp = now.isoformat(timespec="microseconds")
             try:
                 lease = self.read(what, self.coordination.read_namespaced_lease, name, namespace)
-            except TerminalError:  # 404: nobody has held it yet
+            except NotFound:  # nobody has held it yet (only a 404 means that; a 403 is raised as it is)
                 spec = {"holderIdentity": holder, "leaseDurationSeconds": duration_s, "acquireTime": stamp}
                 body = {"metadata": {"name": name}, "spec": {**spec, "renewTime": stamp, "leaseTransitions": 0}}
                 created = self.read(what, self.coordination.create_namespaced_lease, namespace, body)
@@ -107,7 +107,7 @@ class Leases(KubeClient):
         what = f"release Lease {hold.namespace}/{hold.name}"
         try:
             lease = self.read(what, self.coordination.read_namespaced_lease, hold.name, hold.namespace)
-        except TerminalError:
+        except NotFound:  # already gone
             return False
         if lease["spec"].get("holderIdentity") != hold.holder:
             return False

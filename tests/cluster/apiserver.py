@@ -5,9 +5,11 @@ Routes (namespaced and cluster-wide lists):
     /apis/{group}/{version}/[namespaces/{ns}/]{plural}[/{name}[/status]]
 GET (get, list, ``?watch=true``), POST (create, 201), PUT (replace), PATCH (merge or JSON patch), DELETE.
 
-Faults: :meth:`FakeApiServer.fail` makes chosen calls answer an error code, hang past the client's timeout, or
-(watches) end early, a given number of times. Every request is recorded in ``requests`` so tests can check
-exactly what a client sent.
+Every request is authenticated (a bearer token from :attr:`FakeApiServer.tokens`: 401 without one) and authorized
+with Kubernetes RBAC from the Roles, ClusterRoles and bindings in the store (403 with the real server's message;
+see rbac.py), before anything else. Faults: :meth:`FakeApiServer.fail` makes chosen calls answer an error code,
+hang past the client's timeout, or (watches) end early, a given number of times. Every request is recorded in
+``requests`` (with who sent it and what the authorizer saw) so tests can check exactly what a client sent.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, Literal
 from urllib.parse import parse_qs, urlsplit
 
+from . import rbac
 from .store import BY_PATH, ApiError, Obj, Resource, Store, dumps, matches_fields, matches_labels
 
 Verb = Literal["get", "list", "watch", "create", "update", "patch", "delete"]
@@ -60,6 +63,9 @@ class Request:
     query: dict[str, str]
     content_type: str
     body: Any
+    user: str = ""
+    attrs: rbac.Attributes | None = None  # what RBAC decided on
+    allowed: bool = True
 
 
 @dataclass
@@ -73,6 +79,21 @@ class Route:
     @property
     def verb(self) -> str:
         return "watch" if self.query.get("watch") in ("true", "1") else "get"
+
+    def rbac_verb(self, method: str) -> str:
+        """The verb RBAC checks: list/watch for collections, deletecollection, create, update, patch, ..."""
+        watching = self.query.get("watch") in ("true", "1")
+        if method == "GET":
+            return "watch" if watching else ("list" if self.name is None else "get")
+        if method == "DELETE":
+            return "deletecollection" if self.name is None else "delete"
+        return {"POST": "create", "PUT": "update", "PATCH": "patch"}[method]
+
+    def attributes(self, method: str) -> rbac.Attributes:
+        r = self.resource
+        return rbac.request_attributes(
+            self.rbac_verb(method), r.group, r.plural, self.subresource, self.namespace, self.name, self.query
+        )
 
 
 def parse_route(path: str, query: dict[str, str]) -> Route:
@@ -103,6 +124,9 @@ class FakeApiServer:
         self.faults: list[Fault] = []
         self.requests: list[Request] = []
         self.pod_logs: dict[tuple[str, str], str] = {}
+        self.tokens = rbac.Tokens()
+        self.admin_token = self.tokens.issue(rbac.ADMIN)
+        self.session_record = True  # add non-admin requests to rbac.SESSION_USES (off once a test edits RBAC)
         self.stopping = threading.Event()
         self._lock = threading.Lock()
         self._httpd: ThreadingHTTPServer | None = None
@@ -153,6 +177,15 @@ class FakeApiServer:
         with self._lock:
             return [r for r in self.requests if r.verb == verb and path_contains in r.path]
 
+    def token(self, who: rbac.Identity) -> str:
+        """A bearer token for ``who`` (a ServiceAccount's must exist in the store when it is used)."""
+        return self.tokens.issue(who)
+
+    def uses(self, user: str) -> list[rbac.Attributes]:
+        """What ``user`` asked for, as the authorizer saw it."""
+        with self._lock:
+            return [r.attrs for r in self.requests if r.user == user and r.attrs is not None]
+
     def set_pod_log(self, namespace: str, pod: str, text: str) -> None:
         self.pod_logs[(namespace, pod)] = text
 
@@ -201,11 +234,18 @@ class _Handler(BaseHTTPRequestHandler):
             self._send(400, ApiError(400, "BadRequest", "the body is not JSON").status())
             return
         try:
+            who = self.api.tokens.identify(self.headers.get("Authorization"), self.api.store)
             route = parse_route(split.path, query)
             verb = {"POST": "create", "PUT": "update", "PATCH": "patch", "DELETE": "delete"}.get(method)
             verb = verb or (route.verb if route.name is None else "get")
+            attrs = route.attributes(method)
+            allowed = rbac.authorize(self.api.store, who, attrs)
             with self.api._lock:
-                self.api.requests.append(Request(verb, split.path, query, content_type, body))
+                self.api.requests.append(Request(verb, split.path, query, content_type, body, who.user, attrs, allowed))
+            if not who.admin and self.api.session_record:
+                rbac.record_session(rbac.Use(who.user, attrs, allowed))
+            if not allowed:
+                raise attrs.forbidden(who.user)
             fault = self.api.take_fault(verb, route)
             if fault is not None and fault.mode == "hang":
                 self.api.stopping.wait(30)  # longer than any client timeout in the tests

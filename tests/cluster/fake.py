@@ -1,7 +1,14 @@
-"""FakeCluster: the fake API server, a configured official client, and the simulators, stepped together."""
+"""FakeCluster: the fake API server, a configured official client, and the simulators, stepped together.
+
+The cluster holds the RBAC objects of gitops/rbac/ and ``api_client`` authenticates as the pipeline's
+ServiceAccount (a token in a kubeconfig, as a real cluster's), so every call the pipeline makes is authorized as
+in production: a missing grant is a 403. ``admin_client`` (and the simulators, which write to the store) act as
+the cluster admin, for test setup.
+"""
 
 from __future__ import annotations
 
+import tempfile
 import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -10,8 +17,10 @@ from pathlib import Path
 from typing import Any
 
 import git
-from kubernetes import client
+import yaml
+from kubernetes import client, config
 
+from . import rbac
 from .apiserver import FakeApiServer
 from .argocd import ArgoCDSimulator
 from .rollouts import RolloutsSimulator
@@ -20,6 +29,7 @@ from .workloads import JobsSimulator
 
 ROLLOUT = BY_KIND["Rollout"]
 VALUES_FILE = "envs/staging/values.yaml"
+PIPELINE = rbac.service_account("modelctl", "modelctl")  # the pipeline's ServiceAccount in gitops/rbac
 
 
 class FakeClock:
@@ -62,19 +72,56 @@ def rollout_manifest(
 class FakeCluster:
     """What tests get: ``api_client`` for the official client, the simulators, and ``tick()``."""
 
-    def __init__(self) -> None:
+    def __init__(self, rbac_objects: list[Obj] | None = None, identity: rbac.Identity = PIPELINE) -> None:
+        """``rbac_objects``: the RBAC the cluster holds (default: gitops/rbac/*.yaml); ``identity``: api_client's."""
         self.server = FakeApiServer().start()
         self.store = self.server.store
         self.clock = FakeClock()
         self.rollouts = RolloutsSimulator(self.store, clock=self.clock)
         self.jobs = JobsSimulator(self.server)
         self.argocd: ArgoCDSimulator | None = None
-        config = client.Configuration()
-        config.host = self.server.url
-        config.retries = False  # the pipeline's own retries are under test, not urllib3's
-        self.api_client = client.ApiClient(config)
+        rbac.load(self.store, rbac.manifests() if rbac_objects is None else rbac_objects)
+        self.identity = identity
+        self._dir = tempfile.TemporaryDirectory(prefix="fake-cluster-")
+        self.kubeconfig = self.write_kubeconfig(Path(self._dir.name) / "kubeconfig", identity)
+        self.api_client = self._client(self.kubeconfig)
+        self.admin_client = self._client(self.write_kubeconfig(Path(self._dir.name) / "admin", rbac.ADMIN))
         self.errors: list[BaseException] = []
         self._lock = threading.Lock()
+
+    def write_kubeconfig(self, path: Path, identity: rbac.Identity | None = None) -> Path:
+        """A kubeconfig for the fake API server with a bearer token of ``identity`` (default: the pipeline's)."""
+        who = identity or self.identity
+        user = {"name": "fake", "user": {"token": self.server.token(who)}}
+        path.write_text(
+            yaml.safe_dump(
+                {
+                    "apiVersion": "v1",
+                    "kind": "Config",
+                    "current-context": "fake",
+                    "clusters": [{"name": "fake", "cluster": {"server": self.server.url}}],
+                    "users": [user],
+                    "contexts": [{"name": "fake", "context": {"cluster": "fake", "user": "fake"}}],
+                }
+            )
+        )
+        return path
+
+    @staticmethod
+    def _client(kubeconfig: Path) -> client.ApiClient:
+        configuration = client.Configuration()
+        config.load_kube_config(config_file=str(kubeconfig), client_configuration=configuration)
+        configuration.retries = False  # the pipeline's own retries are under test, not urllib3's
+        return client.ApiClient(configuration)
+
+    def change_rbac(self, kind: str, namespace: str, name: str, change: Callable[[Obj], None] | None = None) -> None:
+        """Edit (or, without ``change``, delete) an RBAC object; this cluster's requests then stay out of the
+        session-wide record of uses that test_rbac compares with gitops/rbac."""
+        self.server.session_record = False
+        if change is None:
+            self.store.delete(BY_KIND[kind], namespace, name)
+        else:
+            self.store.update(BY_KIND[kind], namespace, name, change)
 
     def with_argocd(self, repo_path: str, branch: str = "main", **kwargs: Any) -> ArgoCDSimulator:
         self.argocd = ArgoCDSimulator(self.store, repo_path, branch, clock=self.clock, **kwargs)
@@ -131,7 +178,9 @@ class FakeCluster:
 
     def close(self) -> None:
         self.api_client.close()
+        self.admin_client.close()
         self.server.stop()
+        self._dir.cleanup()
 
 
 def commit_values(repo: git.Repo, text: str, message: str, path: str = VALUES_FILE) -> str:

@@ -49,6 +49,11 @@ RESOURCES = [
     Resource("argoproj.io", "v1alpha1", "rollouts", "Rollout", status=True),
     Resource("argoproj.io", "v1alpha1", "applications", "Application"),
     Resource("argoproj.io", "v1alpha1", "analysisruns", "AnalysisRun"),
+    Resource("", "v1", "serviceaccounts", "ServiceAccount"),
+    Resource("rbac.authorization.k8s.io", "v1", "roles", "Role"),
+    Resource("rbac.authorization.k8s.io", "v1", "rolebindings", "RoleBinding"),
+    Resource("rbac.authorization.k8s.io", "v1", "clusterroles", "ClusterRole", namespaced=False),
+    Resource("rbac.authorization.k8s.io", "v1", "clusterrolebindings", "ClusterRoleBinding", namespaced=False),
 ]
 BY_PATH = {(r.group, r.version, r.plural): r for r in RESOURCES}
 BY_KIND = {r.kind: r for r in RESOURCES}
@@ -62,9 +67,10 @@ class ApiError(Exception):
         self.code = code
         self.reason = reason
         self.message = message
+        self.details: Obj | None = None  # Status.details (name, group, kind), as a 403 or 404 carries them
 
     def status(self) -> Obj:
-        return {
+        status = {
             "kind": "Status",
             "apiVersion": "v1",
             "metadata": {},
@@ -73,6 +79,9 @@ class ApiError(Exception):
             "reason": self.reason,
             "code": self.code,
         }
+        if self.details is not None:
+            status["details"] = self.details
+        return status
 
 
 def now_rfc3339() -> str:

@@ -17,7 +17,7 @@ ARGO = ("argoproj.io", "v1alpha1")
 
 
 def custom(cluster: FakeCluster) -> client.CustomObjectsApi:
-    return client.CustomObjectsApi(cluster.api_client)
+    return client.CustomObjectsApi(cluster.admin_client)
 
 
 def test_create_get_list_with_selectors(cluster: FakeCluster) -> None:
@@ -102,7 +102,7 @@ def test_watch_streams_changes_and_faults_fail_a_chosen_number_of_times(cluster:
 
 
 def test_core_kinds_leases_jobs_pods_logs(cluster: FakeCluster) -> None:
-    core, batch = client.CoreV1Api(cluster.api_client), client.BatchV1Api(cluster.api_client)
+    core, batch = client.CoreV1Api(cluster.admin_client), client.BatchV1Api(cluster.admin_client)
     pvc = {"metadata": {"name": "model-cache"}, "spec": {"accessModes": ["ReadWriteMany"]}}
     assert core.create_namespaced_persistent_volume_claim("ns", pvc).metadata.name == "model-cache"
     event = {"metadata": {"name": "e1"}, "involvedObject": {"kind": "Job", "name": "j"}, "reason": "Started"}
