@@ -239,23 +239,8 @@ def test_a_failed_flow_run_reverts_the_promotion_it_committed(
 
 
 def write_kubeconfig(stage: Stage, tmp_path: Path) -> Path:
-    """A kubeconfig pointing at the fake API server, as a real cluster's would."""
-    import yaml
-
-    kubeconfig = tmp_path / "kubeconfig"
-    kubeconfig.write_text(
-        yaml.safe_dump(
-            {
-                "apiVersion": "v1",
-                "kind": "Config",
-                "clusters": [{"name": "fake", "cluster": {"server": stage.cluster.server.url}}],
-                "users": [{"name": "fake", "user": {"token": "not-a-secret"}}],
-                "contexts": [{"name": "fake", "context": {"cluster": "fake", "user": "fake"}}],
-                "current-context": "fake",
-            }
-        )
-    )
-    return kubeconfig
+    """A kubeconfig pointing at the fake API server with the pipeline ServiceAccount's token, as a real cluster's."""
+    return stage.cluster.write_kubeconfig(tmp_path / "kubeconfig")
 
 
 def test_status_shows_a_dangling_promotion(stage: Stage, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

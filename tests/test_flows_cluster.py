@@ -35,13 +35,7 @@ def world(tmp_path: Path, quantized: Callable[[str, str], Artifact], monkeypatch
     remote = tmp_path / "gitops.git"
     init_repo(remote)
     cluster = FakeCluster()
-    kubeconfig = tmp_path / "kubeconfig"
-    kubeconfig.write_text(yaml.safe_dump({
-        "apiVersion": "v1", "kind": "Config", "current-context": "fake",
-        "clusters": [{"name": "fake", "cluster": {"server": cluster.server.url}}],
-        "users": [{"name": "fake", "user": {"token": "not-a-secret"}}],
-        "contexts": [{"name": "fake", "context": {"cluster": "fake", "user": "fake"}}],
-    }))  # fmt: skip
+    kubeconfig = cluster.write_kubeconfig(tmp_path / "kubeconfig")  # the pipeline ServiceAccount's token
     monkeypatch.setenv("KUBECONFIG", str(kubeconfig))
     argocd = cluster.with_argocd(str(remote))
     for env in ("staging", "prod"):
