@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.table import Table
 
 from pipeline.cli.render import JsonFlag, emit_json, errors, out
+
+if TYPE_CHECKING:
+    from pipeline.config import PromotionConfig
 
 config_app = typer.Typer(help="Validate promotion.yaml.", no_args_is_help=True)
 
@@ -27,9 +30,10 @@ def config_check(
 
     with errors(as_json):
         cfg = load_config(file)
+        suites = _eval_suites(cfg)
     resolved = cfg.model_dump(mode="json")
     if as_json:
-        emit_json({"ok": True, "file": str(file), "order": cfg.promotion_order(), "config": resolved})
+        emit_json({"ok": True, "file": str(file), "order": cfg.promotion_order(), "config": resolved, "suites": suites})
         return
     out.print(
         f"[green]✓[/] {file} is valid: {len(cfg.environments)} environment(s), in order "
@@ -50,9 +54,23 @@ def config_check(
             ", ".join(env.requires) or "-",
         )
     out.print(table)
+    for env_name, suite in suites.items():
+        out.print(f"[green]✓[/] {env_name}: eval suite {suite}")
     out.print("[bold]resolved configuration[/] (defaults filled in, paths made absolute):")
     from ruamel.yaml import YAML
 
     yaml = YAML()
     yaml.default_flow_style = False
     yaml.dump(resolved, out.file)
+
+
+def _eval_suites(cfg: PromotionConfig) -> dict[str, str]:
+    """Each environment's eval suite, read and validated, by its file: a missing or broken suite fails the check.
+
+    Raises:
+        ConfigError: a suite is missing or invalid (every problem named).
+    """
+    from pipeline.evaluate.suite import load_suite
+
+    gates = {name: env.gates.eval for name, env in cfg.environments.items()}
+    return {name: load_suite(gate.suite).path for name, gate in gates.items() if gate is not None}

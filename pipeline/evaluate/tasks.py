@@ -12,8 +12,9 @@ import sys
 from pathlib import Path
 
 from pipeline import tinymodel
+from pipeline.resources import resource_dir
 
-EVALUATIONS_DIR = Path(__file__).resolve().parent.parent.parent / "evaluations"
+EVALUATIONS_DIR = resource_dir("evaluations")  # shipped with the package (pipeline.resources)
 TASKS_DIR = EVALUATIONS_DIR / "tasks"
 FACTS_DATA = TASKS_DIR / "facts" / "facts.jsonl"
 

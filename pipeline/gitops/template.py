@@ -1,4 +1,7 @@
-"""`modelctl gitops init`: a new GitOps repo (bare, as a remote) whose first commit is the template in gitops/."""
+"""`modelctl gitops init`: a new GitOps repo (bare, as a remote) whose first commit is the template in gitops/.
+
+The template ships with the package (``pipeline.resources``), so an installed ``modelctl`` has it too.
+"""
 
 from __future__ import annotations
 
@@ -11,8 +14,9 @@ from git import Repo
 
 from pipeline.errors import TerminalError
 from pipeline.gitops.commits import CHART
+from pipeline.resources import resource_dir
 
-TEMPLATE = Path(__file__).resolve().parents[2] / "gitops"
+TEMPLATE = resource_dir("gitops")
 
 
 @dataclass(frozen=True)
