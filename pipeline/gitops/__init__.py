@@ -3,6 +3,7 @@
     values.py    round-trip edits of Helm values, Helm's merge, the values.schema.json check (pure)
     commits.py   Promotion, the commit subject and trailers, history entries parsed from them
     repo.py      GitOps: a working clone; open, plan, promote, revert, history, current, record
+    clone.py     the clone made atomically, and its inter-process lock (one writer per clone)
     remote.py    credentials as an HTTP header in git's environment; git failures, classified and scrubbed
     template.py  `modelctl gitops init`: a new bare repo from the template in gitops/
 

@@ -28,8 +28,23 @@ def auth_env(url: str, token_env: str) -> dict[str, str]:
     return env
 
 
+# What a remote says when it will never take this push: retrying cannot help, so these are terminal.
+_READ_ONLY = (
+    "unpacker error",
+    "unpack failed",
+    "insufficient permission",
+    "unable to create temporary",
+    "read-only file system",
+    "protected branch",
+    "write access",
+    "not allowed to push",
+    " 401",
+)
+
+
 def classify(exc: GitCommandError, what: str, url: str, token_env: str) -> PipelineError:
-    """A git failure as a terminal (credentials, missing repo) or transient (network, races) error, scrubbed."""
+    """A git failure as a terminal (credentials, a read-only remote, missing repo) or transient (network, races)
+    error, scrubbed. A permission problem is never transient."""
     raw = " ".join(str(exc.stderr or "").split()).removeprefix("stderr: ").strip("' ")
     detail = redact(raw.replace("fatal: ", "").replace("error: ", ""), extra=secrets_of(token_env))
     lower = detail.lower()
@@ -37,6 +52,12 @@ def classify(exc: GitCommandError, what: str, url: str, token_env: str) -> Pipel
         return TerminalError(
             f"{what}: the remote refused the credentials ({detail})",
             hint=f"set ${token_env} to a token with write access (https) or check the ssh key (ssh)",
+        )
+    if any(s in lower for s in _READ_ONLY):
+        return TerminalError(
+            f"{what}: the remote refused to take the push, it is read-only for modelctl ({detail})",
+            hint="give modelctl write access to gitops.url: the file permissions of a local repo, the token's "
+            f"scope in ${token_env}, or the branch protection rules; retrying will not help",
         )
     if any(s in lower for s in ("does not appear to be a git repository", "not found", "no such", "does not exist")):
         return TerminalError(

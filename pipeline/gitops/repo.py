@@ -8,13 +8,15 @@ plus its PromotionRecord under ``records/<env>/``, with a structured subject and
 from __future__ import annotations
 
 import difflib
+import functools
 import hashlib
 import logging
 import os
 import random
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, Concatenate, ParamSpec, TypeVar
 
 from git import GitCommandError, Repo
 from ruamel.yaml import YAML
@@ -22,6 +24,7 @@ from ruamel.yaml.error import YAMLError
 
 from pipeline.config import GitOpsRepo
 from pipeline.errors import PipelineError, TerminalError, TransientError
+from pipeline.gitops.clone import CloneLock, clone_into
 from pipeline.gitops.commits import (
     CHART,
     LOG_FORMAT,
@@ -41,19 +44,39 @@ from pipeline.secrets import has_credentials, redact
 
 log = logging.getLogger(__name__)
 
+_P = ParamSpec("_P")
+_R = TypeVar("_R")
+
+
+def _locked(method: Callable[Concatenate[GitOps, _P], _R]) -> Callable[Concatenate[GitOps, _P], _R]:
+    """Run a method holding the clone's inter-process lock (one writer per clone)."""
+
+    @functools.wraps(method)
+    def wrapper(self: GitOps, *args: _P.args, **kwargs: _P.kwargs) -> _R:
+        with self.lock.held():
+            return method(self, *args, **kwargs)
+
+    return wrapper
+
 
 class GitOps:
-    """A working clone of the GitOps repo, owned by the pipeline (local edits in it are discarded on sync)."""
+    """A working clone of the GitOps repo, owned by the pipeline (local edits in it are discarded on sync).
+
+    Every public method holds the clone's lock (:class:`CloneLock`), so processes sharing a clone take turns.
+    """
 
     max_attempts = 6
 
-    def __init__(self, repo: Repo, url: str, branch: str, token_env: str, mode: str) -> None:
+    def __init__(
+        self, repo: Repo, url: str, branch: str, token_env: str, mode: str, lock: CloneLock | None = None
+    ) -> None:
         self.repo = repo
         self.url = url
         self.branch = branch
         self.token_env = token_env
         self.mode = mode
         self.workdir = Path(repo.working_tree_dir or ".")
+        self.lock = lock or CloneLock(self.workdir)
 
     @classmethod
     def open(
@@ -82,23 +105,12 @@ class GitOps:
             "GIT_AUTHOR_NAME": author_name, "GIT_AUTHOR_EMAIL": author_email,
             "GIT_COMMITTER_NAME": author_name, "GIT_COMMITTER_EMAIL": author_email,
         }  # fmt: skip
-        if (workdir / ".git").is_dir():
-            repo = Repo(workdir)
-            if repo.remotes.origin.url != url:
-                raise TerminalError(
-                    f"{workdir} is a clone of {redact(repo.remotes.origin.url)}, not of {redact(url)}",
-                    hint="pass another working directory, or delete this one",
-                )
-        elif workdir.exists() and any(workdir.iterdir()):
-            raise TerminalError(f"{workdir} exists and is not a clone of the GitOps repo", hint="pass an empty dir")
-        else:
-            try:
-                repo = Repo.clone_from(url, workdir, env=env, branch=branch)
-            except GitCommandError as exc:
-                raise classify(exc, f"cloning the GitOps repo {redact(url)}", url, token_env) from None
-        repo.git.update_environment(**env)
-        gitops = cls(repo, url, branch, token_env, mode)
-        gitops.sync()
+        lock = CloneLock(workdir)
+        with lock.held():
+            repo = clone_into(url, workdir, branch, env, token_env)
+            repo.git.update_environment(**env)
+            gitops = cls(repo, url, branch, token_env, mode, lock)
+            gitops.sync()
         return gitops
 
     @classmethod
@@ -142,6 +154,7 @@ class GitOps:
         self._git("fetch", "-q", "origin", refspec, what=f"fetching {self.remote}")
         return self._tip()
 
+    @_locked
     def sync(self) -> str:
         """Fetch the branch and reset the clone to it; returns the tip commit."""
         tip = self._fetch()
@@ -154,6 +167,7 @@ class GitOps:
         except (PipelineError, YAMLError):
             return None
 
+    @_locked
     def plan(self, promotion: Promotion, values_file: str) -> Plan:
         """The diff a promotion would commit (validated against the chart's schema), without writing anything.
 
@@ -179,6 +193,7 @@ class GitOps:
             )
         return path.read_text(encoding="utf-8")
 
+    @_locked
     def promote(self, promotion: Promotion, values_file: str, record: PromotionRecord | None = None) -> CommitResult:
         """Commit and push a promotion; a skip when it is already in history or already the current state.
 
@@ -190,6 +205,7 @@ class GitOps:
         prepared = self.prepare(promotion, values_file, record)
         return prepared if isinstance(prepared, CommitResult) else self.publish(prepared)
 
+    @_locked
     def prepare(
         self, promotion: Promotion, values_file: str, record: PromotionRecord | None = None
     ) -> Pending | CommitResult:
@@ -248,18 +264,30 @@ class GitOps:
         log.info("committed %s: %s", commit[:12], self._scrub(subject))
         return commit
 
+    @_locked
     def publish(self, pending: Pending) -> CommitResult:
         """Push a local commit: on a moved remote fetch, check for a same-key conflict, redo on the tip, retry."""
         if self.mode == "pull-request":
             branch = f"modelctl/{pending.env}/{pending.promotion_id}"
-            self._git("push", "-q", "origin", f"HEAD:refs/heads/{branch}", what=f"pushing to {self.remote}")
+            self._git("push", "-q", "origin", f"{pending.commit}:refs/heads/{branch}", what=f"pushing to {self.remote}")
+            seen = self._git("ls-remote", "origin", f"refs/heads/{branch}", what=f"reading {self.remote}").split()
+            if not seen or seen[0] != pending.commit:
+                raise TransientError(
+                    f"pushed {pending.subject!r} to {branch} of {self.remote}, but the branch does not hold it",
+                    hint="run the step again (it is idempotent)",
+                )
             return pending.result(pushed=True, branch=branch, attempts=1)
         failure: PipelineError | None = None
+        moved = False
         for attempt in range(1, self.max_attempts + 1):
             try:
-                self._git("push", "-q", "origin", f"HEAD:refs/heads/{self.branch}", what=f"pushing to {self.remote}")
-                log.info("pushed %s to %s (attempt %d)", pending.commit[:12], self.remote, attempt)
-                return pending.result(pushed=True, branch=self.branch, attempts=attempt)
+                self._git(
+                    "push",
+                    "-q",
+                    "origin",
+                    f"{pending.commit}:refs/heads/{self.branch}",
+                    what=f"pushing to {self.remote}",
+                )
             except TransientError as exc:
                 failure = exc
                 log.warning(
@@ -268,12 +296,20 @@ class GitOps:
             except TerminalError:
                 self._reset(self._tip())
                 raise
+            try:
+                tip = self._fetch()
+            except TransientError as exc:
+                failure, tip = exc, ""
+            if tip and self._contains(tip, pending.commit):  # seen on the remote: only now is it "pushed"
+                self._reset(tip)
+                log.info("pushed %s to %s (attempt %d)", pending.commit[:12], self.remote, attempt)
+                return pending.result(pushed=True, branch=self.branch, attempts=attempt)
             if attempt == self.max_attempts:
                 break
             time.sleep(random.uniform(0, 0.05 * 2**attempt))  # jittered backoff between tries, not a test timing
-            tip = self._fetch()
-            if tip == pending.base:
+            if not tip or tip == pending.base:
                 continue  # the remote did not move: push the same commit again
+            moved = True
             self._reset(tip)
             self._conflicts(pending, tip)
             redone = pending.redo()
@@ -284,8 +320,17 @@ class GitOps:
         reason = failure.what if failure else "unknown"
         raise TransientError(
             f"could not push {pending.subject!r} to {self.remote} after {self.max_attempts} attempts: {reason}",
-            hint="the remote keeps moving or is unreachable; run the step again (it is idempotent)",
+            hint=("the remote keeps moving" if moved else "the remote could not be reached or declined the push")
+            + "; check it, then run the step again (it is idempotent)",
         )
+
+    def _contains(self, tip: str, commit: str) -> bool:
+        """True when ``commit`` is ``tip`` or one of its ancestors (it is on the fetched remote branch)."""
+        try:
+            self.repo.git.execute(["git", "merge-base", "--is-ancestor", commit, tip])
+        except GitCommandError:
+            return False
+        return True
 
     def _conflicts(self, pending: Pending, tip: str) -> None:
         """Raise when the remote changed the keys this commit changes since it was based."""
@@ -300,6 +345,7 @@ class GitOps:
                 "and promote again if this one is still wanted",
             )
 
+    @_locked
     def revert(self, ref: str, reason: str = "", flow_run: str = "") -> CommitResult:
         """Undo a promotion (by promotion id or commit) with a new commit carrying its own trailers.
 
@@ -365,10 +411,12 @@ class GitOps:
             self._git("log", f"--format={LOG_FORMAT}", *args, rev or f"refs/remotes/origin/{self.branch}", "--")
         )
 
+    @_locked
     def history(self, env: str, limit: int | None = None) -> list[HistoryEntry]:
         """The environment's promotions and reverts, newest first, read from commit trailers."""
         return self._log(*(["-n", str(limit)] if limit else []), f"--grep=^Environment: {env}$")
 
+    @_locked
     def current(self, env: str) -> HistoryEntry | None:
         """The latest promotion or revert of the environment: its trailers name what runs there now."""
         found = self.history(env, limit=1)
@@ -390,6 +438,7 @@ class GitOps:
         found = self._log("-n", "1", rev=full) if full else []
         return found[0] if found else None
 
+    @_locked
     def baseline(self, env: str) -> PromotionRecord | None:
         """The record of the promotion whose model runs in ``env`` now (reverted ones skipped): the eval baseline."""
         reverted: set[str] = set()
@@ -400,6 +449,7 @@ class GitOps:
                 return self.record(env, entry.promotion_id)
         return None
 
+    @_locked
     def record(self, env: str, promotion_id: str) -> PromotionRecord:
         """The stored PromotionRecord of a promotion (for the next eval baseline, for reports).
 
