@@ -11,11 +11,12 @@ from cluster.fake import VALUES_FILE, FakeCluster, commit_values, rollout_manife
 from cluster.fixtures import cluster_fixture, gitops_repo_fixture  # noqa: F401  (the fixtures)
 from cluster.store import ApiError
 from cluster.workloads import JobPlan, add_gpu_node, add_gpu_pod
+from kubernetes import client
 
 from pipeline.config import ArgoCDApp, CanaryPolicy, GpuPool, RolloutRef
-from pipeline.errors import TerminalError, TransientError
+from pipeline.errors import Conflict, Forbidden, NotFound, TerminalError, TransientError
 from pipeline.gates import GateResult, GateRow
-from pipeline.kube import Backoff, Kube
+from pipeline.kube import ARGO, Backoff, Kube
 from pipeline.rollout import Abort, Done, Promote, Wait, decide
 
 APP = ArgoCDApp(application="llm-staging", namespace="argocd")
@@ -232,8 +233,34 @@ def test_api_errors_are_bounded_and_carry_no_secrets(
         kube.rollout(REF)
     assert "gave up after 4 attempts" in str(caught.value) and "500" in str(caught.value)
     assert token not in str(caught.value) and "s3cret-gitops-value" not in str(caught.value)
-    with pytest.raises(TerminalError, match="answered 404"):
+    with pytest.raises(NotFound, match="answered 404"):
         kube.rollout(RolloutRef(name="missing", namespace="llm-staging"))
+
+
+def test_api_errors_are_told_apart_by_status(kube: Kube, cluster: FakeCluster) -> None:
+    """404 NotFound and 403 Forbidden are terminal (asked once), 409 Conflict is transient, 401 says credentials."""
+    cluster.create_rollout(REF.namespace, rollout_manifest(REF.name, STEPS))
+    with pytest.raises(NotFound) as missing:
+        kube.rollout(RolloutRef(name="missing", namespace=REF.namespace))
+    assert not missing.value.retryable and "check the name and namespace" in str(missing.value)
+    assert len(cluster.server.sent("get", "/rollouts/missing")) == 1  # not retried
+    assert kube.lease_holder("staging", REF.namespace) is None  # a 404 on the Lease: nobody holds it
+    cluster.server.fail("patch", "rollouts", subresource="status", code=409, times=1)
+    with pytest.raises(Conflict) as conflict:
+        kube.call("abort", kube.custom.patch_namespaced_custom_object_status, *ARGO, REF.namespace, "rollouts",
+                  REF.name, {"status": {"abort": True}})  # fmt: skip
+    assert conflict.value.retryable and isinstance(conflict.value, TransientError)
+    cluster.server.fail("patch", "rollouts", subresource="status", code=409, times=1)
+    assert kube.abort(REF) == [("status", {"status": {"abort": True}})]  # the operation re-reads and retries
+    assert len(cluster.server.sent("patch", f"/rollouts/{REF.name}/status")) == 3
+    cluster.server.fail("get", "rollouts", code=403, times=1, message="denied by an admission webhook")
+    with pytest.raises(Forbidden, match="answered 403 \\(denied by an admission webhook\\)") as refused:
+        kube.rollout(REF)  # a 403 in another shape than RBAC's still reads as Forbidden
+    assert not refused.value.retryable and "gitops/rbac/pipeline.yaml" in str(refused.value)
+    config = client.Configuration()
+    config.host, config.retries = cluster.server.url, False
+    with client.ApiClient(config) as anonymous, pytest.raises(Forbidden, match="did not accept the credentials"):
+        Kube(anonymous, Backoff(attempts=2, first_s=0.01)).rollout(REF)
 
 
 def test_one_promotion_per_environment(kube: Kube, cluster: FakeCluster) -> None:
