@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -82,3 +83,17 @@ def quantized(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Cal
         return built[(backend, method)]
 
     return build
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    """Fail the run when gitops/rbac refused any call the pipeline made in a cluster test, even one the code
+    tolerates (a best-effort log read): the fake API server records them all (tests/cluster/rbac.py)."""
+    rbac = sys.modules.get("cluster.rbac") or sys.modules.get("tests.cluster.rbac")
+    if rbac is None:
+        return
+    denied = rbac.describe(use.attrs for use in rbac.session_uses() if not use.allowed)
+    if denied:
+        reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+        if reporter is not None:
+            reporter.write_line(f"gitops/rbac refused the pipeline these calls during the tests: {denied}", red=True)
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED

@@ -82,6 +82,8 @@ class FakeCluster:
         self.argocd: ArgoCDSimulator | None = None
         rbac.load(self.store, rbac.manifests() if rbac_objects is None else rbac_objects)
         self.identity = identity
+        # only the pipeline under gitops/rbac adds to the session-wide record that test_rbac and conftest check
+        self.server.session_record = rbac_objects is None and identity == PIPELINE
         self._dir = tempfile.TemporaryDirectory(prefix="fake-cluster-")
         self.kubeconfig = self.write_kubeconfig(Path(self._dir.name) / "kubeconfig", identity)
         self.api_client = self._client(self.kubeconfig)
