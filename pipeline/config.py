@@ -155,6 +155,28 @@ class GpuPool(Strict):
     tolerations: list[Toleration] = Field(default_factory=list)
     gpus_per_replica: Annotated[int, Field(ge=0)] = 1
     resource: str = "nvidia.com/gpu"
+    max_nodes: Annotated[int, Field(ge=1)] | None = Field(
+        None,
+        description="an autoscaled pool's maximum node count (the node pool's / cluster autoscaler's max); the GPU "
+        "preflight then counts the nodes the pool can still add. None: only the Ready nodes count",
+    )
+    gpus_per_node: Annotated[int, Field(ge=1)] | None = Field(
+        None, description="GPUs (of `resource`) each node of the pool has; needed with max_nodes"
+    )
+
+    @model_validator(mode="after")
+    def _growth(self) -> GpuPool:
+        if self.max_nodes is not None and self.gpus_per_node is None:
+            raise ValueError(
+                "max_nodes needs gpus_per_node: how many GPUs a node the autoscaler adds brings (a pool at zero "
+                "nodes shows none)"
+            )
+        if self.max_nodes is not None and self.gpus_per_node is not None and self.gpus_per_node < self.gpus_per_replica:
+            raise ValueError(
+                f"gpus_per_node {self.gpus_per_node} < gpus_per_replica {self.gpus_per_replica}: a replica's GPUs "
+                "must all be on one node, so no node of this pool could run one"
+            )
+        return self
 
 
 class JobSettings(Strict):
