@@ -148,7 +148,7 @@ def check_fits(cap: GpuCapacity, pool: GpuPool, replicas: int) -> GpuCapacity:
         return cap
     per_node = ", ".join(f"{n.name}: {n.free}/{n.allocatable} free" for n in cap.nodes) or "no Ready nodes"
     what = (
-        f"not enough {pool.resource} in the node pool {cap.selector}: the canary needs {replicas} replica(s) x "
+        f"not enough free {pool.resource} in the node pool {cap.selector}: the canary needs {replicas} replica(s) x "
         f"{pool.gpus_per_replica} on one node each, but {cap.free} of {cap.allocatable} are free on the Ready "
         f"nodes ({cap.requested} requested by pods; {per_node})"
     )
