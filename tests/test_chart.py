@@ -223,7 +223,7 @@ def test_users_reach_every_pod_and_checks_keep_the_pinned_services() -> None:
     assert "trafficRouting" not in canary and not any(k.startswith("HTTPRoute/") for k in objects)
 
 
-def test_gateway_api_routing_splits_between_the_stable_and_canary_services() -> None:
+def test_gateway_api_routing_splits_between_the_stable_and_canary_services(shared_crds: Path) -> None:
     objects = render(helm_merge(env_values("prod"), {"trafficRouting": ALL_FEATURES["trafficRouting"]}))
     canary = objects["Rollout/llm-inference"]["spec"]["strategy"]["canary"]
     plugin = canary["trafficRouting"]["plugins"]["argoproj-labs/gatewayAPI"]
@@ -236,6 +236,11 @@ def test_gateway_api_routing_splits_between_the_stable_and_canary_services() -> 
     assert all(f"Service/{name}" in objects and b["port"] == 8000 for name, b in backends.items())
     assert backends[canary["stableService"]]["weight"] == 100 and backends[canary["canaryService"]]["weight"] == 0
     assert "Service/llm-inference" not in objects  # users come through the Gateway, not around the router
+    assert "dynamicStableScale" not in canary  # stable keeps full scale unless asked
+    scaled_down = {"trafficRouting": {**ALL_FEATURES["trafficRouting"], "dynamicStableScale": True}}
+    rollout = render(helm_merge(env_values("prod"), scaled_down))["Rollout/llm-inference"]
+    validate(rollout, shared_crds)
+    assert rollout["spec"]["strategy"]["canary"]["dynamicStableScale"] is True
     with helm.Chart.load(str(CHART_DIR)) as chart, pytest.raises(helm.HelmValuesError):  # no Gateway named
         chart.validate_schema(helm_merge(env_values("prod"), {"trafficRouting": {"type": "gatewayAPI"}}))
 
