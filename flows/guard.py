@@ -1,51 +1,46 @@
-"""One promotion per environment in Prefect: a global concurrency limit named after the environment.
+"""One promotion per environment in the flows: the environment's lease file (pipeline.slot).
 
-The limit (one slot) is created when missing. A second promotion of the same environment waits briefly for the
-slot and is then refused with a TerminalError; on a cluster the Kubernetes Lease (pipeline.canary.guarded)
-guards the same thing for promotions started outside this Prefect server.
+Prefect's global concurrency limit was dropped here: a slot it hands out is not given back when its holder is
+killed (``kill -9``), so one crash locked the environment for good. The lease names its holder, host and pid, is
+renewed while held and taken over once the holder is gone or the lease expired; ``modelctl lease release --env E``
+frees it by hand. On a cluster the Kubernetes Lease (pipeline.canary.guarded) guards the same thing across machines.
 """
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 
-from prefect import get_client
-from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate
-from prefect.concurrency.sync import concurrency
-from prefect.exceptions import ObjectNotFound
-
-from pipeline.errors import TerminalError
+from pipeline.errors import LeaseHeld
+from pipeline.slot import environment_slot as lease_slot
 
 
-def limit_name(env: str) -> str:
-    return f"modelctl-promote-{env}"
+def _flow_run() -> str:
+    try:
+        from prefect.runtime import flow_run
 
-
-def ensure_limit(env: str) -> str:
-    """Create the environment's one-slot concurrency limit if it does not exist yet; returns its name."""
-    name = limit_name(env)
-    with get_client(sync_client=True) as client:
-        try:
-            client.read_global_concurrency_limit_by_name(name)
-        except ObjectNotFound:
-            client.create_global_concurrency_limit(GlobalConcurrencyLimitCreate(name=name, limit=1))
-    return name
+        return str(flow_run.id or "")
+    except Exception:  # outside a flow run, or Prefect's runtime not importable: no name to add
+        return ""
 
 
 @contextmanager
-def environment_slot(env: str, wait_s: float = 5.0) -> Iterator[None]:
-    """Hold the environment's promotion slot for the block.
+def environment_slot(env: str, wait_s: float = 5.0, holder: str = "") -> Iterator[None]:
+    """Hold the environment's promotion slot for the block, waiting up to ``wait_s`` for a finishing holder.
 
     Raises:
-        TerminalError: another promotion of ``env`` holds the slot.
+        LeaseHeld: another live promotion of ``env`` holds the slot (named, since when, and how to free it).
     """
-    name = ensure_limit(env)
-    try:
-        with concurrency(name, occupy=1, timeout_seconds=wait_s, strict=True):
-            yield
-    except TimeoutError:
-        raise TerminalError(
-            f"another promotion of {env} is running (Prefect concurrency limit {name} is taken)",
-            hint=f"wait for it to finish, or look at the running flow runs: `prefect concurrency-limit inspect {name}`",
-        ) from None
+    name = holder or (f"flow run {_flow_run()}" if _flow_run() else "modelctl promote")
+    deadline = time.monotonic() + wait_s
+    with ExitStack() as held:
+        while True:
+            try:
+                held.enter_context(lease_slot(env, name, renew_every_s=60.0))
+                break
+            except LeaseHeld:
+                if time.monotonic() >= deadline:
+                    raise
+                time.sleep(0.2)  # a poll while another promotion finishes, not a timing
+        yield

@@ -69,6 +69,14 @@ class Forbidden(TerminalError):
         super().__init__(what, hint=hint)
 
 
+class LeaseHeld(TerminalError):
+    """Another promotion holds the environment's slot: ``holder`` (who, on which host and pid) since ``since``."""
+
+    def __init__(self, what: str, *, holder: str, since: str, hint: str | None = None) -> None:
+        self.holder, self.since = holder, since
+        super().__init__(what, hint=hint)
+
+
 class Conflict(TransientError):
     """409: the object changed (or already exists) under us; the operation re-reads and tries again."""
 
