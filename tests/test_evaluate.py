@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import threading
 from collections.abc import Callable, Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -129,8 +130,9 @@ def test_a_damaged_copy_fails_the_smoke_gate_naming_the_metrics(
     result = eval_gate(report, tiny_report, smoke)
     assert result.verdict == "fail"
     assert {row.name for row in result.failures} == {"facts_mc acc,none", "facts_gen exact_match,strip"}
-    assert "facts_gen exact_match,strip: 0 is below the floor 0.8" in result.summary()
-    assert "baseline 0.9917" in result.failures[0].why
+    # The damaged model's scores are noisy (0 on one build, 0.033 on another): assert the verdict and the reason.
+    assert re.search(r"facts_gen exact_match,strip: [0-9.]+ is below the floor 0\.8", result.summary())
+    assert all(re.search(r"baseline [0-9.]+", row.why) for row in result.failures), result.summary()
 
 
 def test_a_missing_baseline_is_a_clear_error(tmp_path: Path) -> None:
@@ -301,7 +303,8 @@ def test_a_quantized_artifact_passes_the_gate_against_the_full_precision_model(
 ) -> None:
     artifact = quantized("llmcompressor", "gptq")
     report = evaluate(LocalWeights(Path(artifact.path)), smoke, cache_dir=cache_root)
-    assert report.subject == f"artifact {artifact.id}"  # the cache key carries the artifact id
+    # the cache key carries the artifact id and its bytes' manifest digest
+    assert re.fullmatch(rf"artifact {artifact.id} manifest sha256:[0-9a-f]{{64}}", report.subject)
     result = eval_gate(report, tiny_report, smoke)
     assert result.passed, result.summary()
 
@@ -338,3 +341,23 @@ def test_the_standard_suite_names_real_lm_eval_tasks_and_metrics() -> None:
         for key in standard.tasks[task].metrics:
             metric, _, filt = key.partition(",")
             assert metric in metrics and filt in filters, (task, key, metrics, filters)
+
+
+def test_the_eval_cache_is_keyed_by_the_bytes_not_only_the_artifact_id(smoke: Suite, tmp_path: Path) -> None:
+    """A rebuild under the same artifact id with other bytes must never reuse the first build's score."""
+
+    def artifact(name: str, sha: str) -> Path:
+        folder = tmp_path / name
+        folder.mkdir()
+        (folder / "config.json").write_text("{}")
+        files = [{"name": "model.safetensors", "size": 10, "sha256": sha}]
+        (folder / "artifact.json").write_text(json.dumps({"id": "same-id", "files": files}))
+        return folder
+
+    first, rebuilt = (
+        subject_of(LocalWeights(artifact("a", "1" * 64))),
+        subject_of(LocalWeights(artifact("b", "2" * 64))),
+    )
+    assert first.startswith("artifact same-id ") and rebuilt.startswith("artifact same-id ")
+    assert cache_key(first, smoke, "hf") != cache_key(rebuilt, smoke, "hf")
+    assert subject_of(LocalWeights(artifact("c", "1" * 64))) == first, "the same bytes hit the same entry"
