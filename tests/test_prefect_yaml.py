@@ -24,9 +24,9 @@ def test_prefect_deploy_accepts_the_project_file(prefect_harness: None) -> None:
     with get_client(sync_client=True) as client:
         client.create_work_pool(WorkPoolCreate(name="modelctl-process", type="process"), overwrite=True)
         client.create_work_pool(
-            WorkPoolCreate(name="modelctl-gpu", type="kubernetes", base_job_template=template), overwrite=True
+            WorkPoolCreate(name="modelctl-kubernetes", type="kubernetes", base_job_template=template), overwrite=True
         )
-    env = {**os.environ, "PREFECT_API_URL": str(PREFECT_API_URL.value()), "MODELCTL_REPO": str(ROOT)}
+    env = {**os.environ, "PREFECT_API_URL": str(PREFECT_API_URL.value())}
     prefect = Path(sys.executable).parent / "prefect"
     result = subprocess.run(
         [str(prefect), "--no-prompt", "deploy", "--all", "--prefect-file", "flows/prefect.yaml"],
@@ -38,8 +38,13 @@ def test_prefect_deploy_accepts_the_project_file(prefect_harness: None) -> None:
         pools = {p.name: p for p in client.read_work_pools()}
     assert set(deployments) >= {"promote-local", "rollback-local", "promote", "rollback", "watch", "reevaluate"}
     assert deployments["promote-local"].work_pool_name == "modelctl-process"
-    assert deployments["promote"].work_pool_name == "modelctl-gpu"
+    assert deployments["promote"].work_pool_name == "modelctl-kubernetes"
     assert [s.schedule.cron for s in deployments["watch"].schedules] == ["*/30 * * * *"]  # type: ignore[union-attr]
     assert [s.schedule.cron for s in deployments["reevaluate"].schedules] == ["17 * * * *"]  # type: ignore[union-attr]
-    gpu_defaults = pools["modelctl-gpu"].base_job_template["variables"]["properties"]
-    assert gpu_defaults["tolerations"]["default"][0]["key"] == "nvidia.com/gpu"
+    defaults = pools["modelctl-kubernetes"].base_job_template["variables"]["properties"]
+    assert defaults["namespace"]["default"] == "modelctl"
+    assert "tolerations" not in defaults  # flow pods stay off the GPU pool; only the step Jobs go there
+    cluster = {"directory": "/app"}  # the image's code, no git pull
+    assert deployments["promote"].pull_steps == [{"prefect.deployments.steps.set_working_directory": cluster}]
+    local = {"directory": str(ROOT)}  # the checkout it was deployed from
+    assert deployments["promote-local"].pull_steps == [{"prefect.deployments.steps.set_working_directory": local}]
