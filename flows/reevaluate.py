@@ -15,10 +15,10 @@ from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 
-from flows.gates import load_step
 from flows.rollback import rollback
 from flows.steps import RETRIES, gitops_for
-from pipeline.config import EvalGate, load_config
+from pipeline import steps
+from pipeline.config import EvalGate, LoadGate, load_config
 from pipeline.gates import GateResult
 from pipeline.record import PromotionRecord
 
@@ -26,12 +26,23 @@ from pipeline.record import PromotionRecord
 @task(name="re-evaluate", cache_policy=NO_CACHE, timeout_seconds=6 * 3600, **RETRIES)
 def reeval_step(model_dir: Path, gate: EvalGate, live: PromotionRecord) -> GateResult:
     """Evaluate the live weights now (never from the cache) against the report they were promoted with."""
-    from pipeline.evaluate import LocalWeights, eval_gate, evaluate, load_suite
+    from pipeline.evaluate import eval_gate, load_suite
     from pipeline.evaluate.report import baseline_from_record
 
-    suite = load_suite(gate.suite)
-    report = evaluate(LocalWeights(model_dir), suite, use_cache=False, store=False)
-    return eval_gate(report, baseline_from_record(live), suite, gate.policy)
+    request = steps.EvaluateRequest(
+        model_dir=str(model_dir), suite=gate.suite, policy=gate.policy, use_cache=False, store=False
+    )
+    report = steps.run(request).value()
+    return eval_gate(report, baseline_from_record(live), load_suite(gate.suite), gate.policy)
+
+
+@task(name="loadtest", cache_policy=NO_CACHE, timeout_seconds=3600, **RETRIES)
+def load_step(model_dir: Path, gate: LoadGate, served_name: str | None) -> GateResult:
+    """Serve the live weights here, load-test them, judge them by the SLO."""
+    from pipeline.loadtest import gate as load_gate
+
+    request = steps.LoadTestRequest(model_dir=str(model_dir), gate=gate, served_name=served_name)
+    return load_gate(steps.run(request).value(), gate.slo)
 
 
 @flow(name="reevaluate", log_prints=True)
@@ -50,12 +61,12 @@ def reevaluate(config: str = "promotion.yaml", env: str | None = None, workdir: 
         if environment.executor != "local":
             results[name] = {"verdict": "skipped: re-evaluating a cluster environment runs through its canary checks"}
             continue
-        model_dir = Path(environment.cache.root) / str(live.artifact["id"])
+        model_dir = Path(environment.cache.root) / live.artifact.id
         gates: list[GateResult] = []
         if environment.gates.eval is not None:
             gates.append(reeval_step(model_dir, environment.gates.eval, live))
         if environment.gates.load is not None:
-            gates.append(load_step(model_dir, environment.gates.load, cfg.model.served_name)[1])
+            gates.append(load_step(model_dir, environment.gates.load, cfg.model.served_name))
         regressed = [g for g in gates if not g.passed]
         summary = "; ".join(g.summary() for g in regressed) or "no regression"
         create_markdown_artifact(

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import base64
 from pathlib import Path
-from typing import Any
 
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
@@ -12,7 +11,7 @@ from pipeline.config import Environment
 from pipeline.record import PromotionRecord
 
 
-def publish(record: PromotionRecord, env: Environment, load_report: Any | None = None) -> None:
+def publish(record: PromotionRecord, env: Environment) -> None:
     """Create the promotion's artifacts: the report (markdown), each gate's rows (tables), the latency CDF (PNG)."""
     key = f"promotion-{record.id}"
     create_markdown_artifact(record.markdown(), key=key, description=f"{record.decision}: {record.env}")
@@ -20,10 +19,11 @@ def publish(record: PromotionRecord, env: Environment, load_report: Any | None =
         if gate is not None:
             rows = [row.model_dump(mode="json") for row in gate.rows]
             create_table_artifact(rows, key=f"{key}-{name}-gate", description=f"{name} gate: {gate.verdict}")
-    if load_report is not None and env.gates.load is not None:
+    if record.load_report is not None and env.gates.load is not None:
         from pipeline.loadtest import plot_cdf
 
-        png = plot_cdf(load_report, Path(env.cache.root) / "reports" / f"{record.id}-latency.png", env.gates.load.slo)
+        where = Path(env.cache.root) / "reports" / f"{record.id}-latency.png"
+        png = plot_cdf(record.load_report, where, env.gates.load.slo)
         data = base64.b64encode(png.read_bytes()).decode()
         create_markdown_artifact(
             f"![latency CDF](data:image/png;base64,{data})\n\nSaved at `{png}`.",

@@ -1,7 +1,8 @@
 """The rollback flow: back to the previous promotion, or to a named one, through the same revert path.
 
 On a cluster each newer promotion is reverted with pipeline.canary.revert (abort first if an update is in flight,
-then Git, then wait for Argo CD and a Healthy Rollout); locally it is a Git revert.
+then Git, then wait for Argo CD and a Healthy Rollout); locally it is a Git revert. The configuration is read
+once per run and passed on typed.
 """
 
 from __future__ import annotations
@@ -13,13 +14,12 @@ from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
 from flows.steps import RETRIES, gitops_for
-from pipeline.config import load_config
+from pipeline.config import PromotionConfig, load_config
 from pipeline.gitops.commits import rollback_targets
 
 
 @task(name="revert", cache_policy=NO_CACHE, timeout_seconds=3600, **RETRIES)
-def revert_step(config: str, env: str, promotion_id: str, reason: str, workdir: Path | None) -> dict[str, Any]:
-    cfg = load_config(config)
+def revert_step(cfg: PromotionConfig, env: str, promotion_id: str, reason: str, workdir: Path | None) -> dict[str, Any]:
     environment = cfg.environment(env)
     gitops = gitops_for(cfg, workdir)
     if environment.executor == "kubernetes":
@@ -46,6 +46,6 @@ def rollback(
         logger.info("%s already runs promotion %s: nothing to roll back", env, to)
         return {"env": env, "reverted": [], "now": to}
     why = reason or (f"rollback of {env} to {to}" if to else f"rollback of {env} to the previous promotion")
-    reverted = [revert_step(config, env, t.promotion_id, why, where) for t in targets]
+    reverted = [revert_step(cfg, env, t.promotion_id, why, where) for t in targets]
     now = gitops_for(cfg, where).history(env)
     return {"env": env, "reverted": reverted, "now": now[0].commit if now else None}

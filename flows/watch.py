@@ -10,14 +10,22 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from prefect import flow, get_run_logger
+from prefect import flow, get_run_logger, task
+from prefect.cache_policies import NO_CACHE
 
 from flows.promote import promote
-from flows.steps import gitops_for, resolve_step
+from flows.steps import RETRIES, gitops_for
+from pipeline import steps
 from pipeline.config import load_config
 from pipeline.errors import TerminalError
 from pipeline.gitops.commits import live_promotions
-from pipeline.source import SourcePolicy
+from pipeline.source import ModelSource
+
+
+@task(name="resolve", cache_policy=NO_CACHE, timeout_seconds=300, **RETRIES)
+def resolve_step(request: steps.ResolveRequest) -> ModelSource:
+    source: ModelSource = steps.run(request).value()
+    return source
 
 
 @flow(name="watch", log_prints=True)
@@ -28,12 +36,7 @@ def watch(config: str = "promotion.yaml", workdir: str | None = None) -> dict[st
     if not cfg.model.source:
         raise TerminalError("promotion.yaml tracks no model", hint="set model.source to org/name@branch to watch it")
     first = cfg.promotion_order()[0]
-    policy = SourcePolicy(
-        allow_pickle=cfg.model.allow_pickle,
-        trust_remote_code=cfg.model.trust_remote_code,
-        token_env=cfg.model.hub_token_env,
-    )
-    source = resolve_step(cfg.model.source, policy)
+    source = resolve_step(steps.ResolveRequest(ref=cfg.model.source, policy=steps.source_policy(cfg.model)))
     live = live_promotions(gitops_for(cfg, Path(workdir) if workdir else None).history(first))
     if live and live[0].model == source.repo and live[0].revision == source.sha:
         logger.info("%s is already live in %s: nothing to do", source.ref, first)

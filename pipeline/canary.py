@@ -16,47 +16,18 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import Literal
-
-from pydantic import BaseModel, Field
-
 from pipeline.config import Environment
 from pipeline.errors import PipelineError, TerminalError
 from pipeline.gates import GateResult
 from pipeline.gitops import GitOps
 from pipeline.kube import Kube, LeaseHold
+from pipeline.record import RevertResult, RolloutOutcome, StepEvent
 from pipeline.rollout import Abort, Done, ObservedRollout, Promote, Wait, decide
 
 Check = Callable[[ObservedRollout], GateResult]
 Clock = Callable[[], float]
 
-
-class StepEvent(BaseModel):
-    """One thing the driver did, with why: what the record's canary table shows."""
-
-    at: str
-    action: Literal["synced", "check", "promote", "abort", "done", "revert"]
-    reason: str
-    seconds: float
-
-
-class RevertResult(BaseModel):
-    """How a revert went, with the time of each stage measured from the failure."""
-
-    promotion_id: str
-    revert_commit: str
-    aborted: bool = Field(description="whether an update was in flight, so the Rollout was aborted first")
-    pushed: bool
-    timings: dict[str, float] = Field(default_factory=dict)
-
-
-class RolloutOutcome(BaseModel):
-    """Where a promotion ended after the commit: done, or reverted (and why)."""
-
-    final: Literal["done", "reverted"]
-    reason: str
-    steps: list[StepEvent] = Field(default_factory=list)
-    revert: RevertResult | None = None
+__all__ = ["RevertResult", "RolloutOutcome", "StepEvent", "deploy", "guarded", "revert", "walk"]
 
 
 def _require_cluster(env_name: str, env: Environment) -> None:

@@ -1,8 +1,9 @@
 """PromotionRecord: what a promotion decided and why, as JSON (stored in Git) and markdown (for people).
 
 The record is written beside the environment's values in the GitOps repo (``records/<env>/<id>.json``), so the
-history of promotions and the next eval baseline come from Git. Types built elsewhere (ModelSource, Artifact,
-EvalReport, LoadReport, RolloutOutcome) are kept as plain JSON objects here until they exist.
+history of promotions and the next eval baseline come from Git. Every part is typed: the pinned ModelSource, a
+summary of the Artifact (with the manifest digest of its bytes), the EvalReport and LoadReport with their
+GateResults, and the RolloutOutcome of the canary (defined here, so a record never needs the Kubernetes door).
 
 Example:
     >>> record = PromotionRecord(id=new_promotion_id(), env="prod", decision="promoted")
@@ -18,13 +19,17 @@ import time
 from datetime import UTC, datetime
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from pipeline.errors import TerminalError, first_problem
+from pipeline.evaluate.report import EvalReport
 from pipeline.gates import GateResult
+from pipeline.loadtest.report import LoadReport
+from pipeline.quantize.recipe import Artifact, Recipe
 from pipeline.secrets import redact
+from pipeline.source import ModelSource
 
-Decision = Literal["pending", "promoted", "rejected", "reverted", "skipped", "failed"]
+Decision = Literal["pending", "waiting", "promoted", "rejected", "reverted", "skipped", "failed"]
 
 # Crockford's base32: no I, L, O, U; sorts the same as the numbers it encodes.
 _ALPHABET = "0123456789abcdefghjkmnpqrstvwxyz"
@@ -51,6 +56,58 @@ def promotion_id_time(promotion_id: str) -> datetime:
     return datetime.fromtimestamp(ms / 1000, tz=UTC)
 
 
+class StepEvent(BaseModel):
+    """One thing the canary driver did, with why: what the record's canary table shows."""
+
+    at: str
+    action: Literal["synced", "check", "promote", "abort", "done", "revert"]
+    reason: str
+    seconds: float
+
+
+class RevertResult(BaseModel):
+    """How a revert went, with the time of each stage measured from the failure."""
+
+    promotion_id: str
+    revert_commit: str
+    aborted: bool = Field(False, description="whether an update was in flight, so the Rollout was aborted first")
+    pushed: bool
+    timings: dict[str, float] = Field(default_factory=dict)
+
+
+class RolloutOutcome(BaseModel):
+    """Where a promotion ended after the commit: done, or reverted (and why)."""
+
+    final: Literal["done", "reverted"]
+    reason: str
+    steps: list[StepEvent] = Field(default_factory=list)
+    revert: RevertResult | None = None
+
+
+class ArtifactSummary(BaseModel):
+    """What a record keeps of the artifact: its identity (id), its bytes (manifest digest) and how it was built."""
+
+    id: str
+    format: str = ""
+    backend: str | None = None
+    recipe: Recipe | None = None
+    calibration_sha256: str | None = None
+    manifest_digest: str | None = Field(None, description="sha256 over every file's sha256: the bytes evaluated")
+    uri: str | None = Field(None, description="where the artifact store keeps the bytes")
+
+    @classmethod
+    def of(cls, artifact: Artifact, manifest_digest: str | None = None, uri: str | None = None) -> ArtifactSummary:
+        return cls(
+            id=artifact.id,
+            format=artifact.format,
+            backend=artifact.backend,
+            recipe=artifact.recipe,
+            calibration_sha256=artifact.calibration_sha256,
+            manifest_digest=manifest_digest,
+            uri=uri,
+        )
+
+
 class PromotionRecord(BaseModel):
     """One promotion of one model revision to one environment: the evidence, the decision, the timings."""
 
@@ -61,17 +118,26 @@ class PromotionRecord(BaseModel):
     decision: Decision = "pending"
     reason: str = ""
     created_at: datetime = Field(default_factory=lambda: datetime.now(UTC))
-    model: dict[str, Any] | None = Field(None, description="ModelSource: repo, sha, files, license")
-    artifact: dict[str, Any] | None = Field(None, description="Artifact: id, format, recipe, manifest")
-    eval_report: dict[str, Any] | None = None
+    model: ModelSource | None = Field(None, description="the pinned source: repo, sha, files, license")
+    artifact: ArtifactSummary | None = None
+    eval_report: EvalReport | None = None
     eval_gate: GateResult | None = None
-    load_report: dict[str, Any] | None = None
+    load_report: LoadReport | None = None
     load_gate: GateResult | None = None
-    rollout: dict[str, Any] | None = Field(None, description="RolloutOutcome: steps and the final state")
+    rollout: RolloutOutcome | None = None
     commit: str | None = None
+    branch: str | None = Field(None, description="the pull-request branch, when the GitOps repo takes them")
     reverts: str | None = Field(None, description="the promotion id this record reverts, for a revert")
     flow_run: str | None = None
     timings: dict[str, float] = Field(default_factory=dict, description="seconds per step")
+
+    @field_validator("model", mode="before")
+    @classmethod
+    def _short_model(cls, value: Any) -> Any:
+        """A record written from a commit alone names only repo and sha: the rest of the source is unknown."""
+        if isinstance(value, dict) and "kind" not in value:
+            return {"kind": "local" if str(value.get("repo", "")).startswith("/") else "hub", "files": [], **value}
+        return value
 
     def to_json(self) -> str:
         """The record as indented JSON, secrets scrubbed (it is committed to Git and read by people)."""
@@ -94,15 +160,15 @@ class PromotionRecord(BaseModel):
 
     def markdown(self) -> str:
         """A markdown summary for people: what, where, the decision and why, the gates, the timings."""
-        model = self.model or {}
-        artifact = self.artifact or {}
+        artifact = self.artifact or ArtifactSummary(id="-")
         lines = [
             f"## Promotion {self.id} to {self.env}: {self.decision}",
             "",
             "| | |",
             "| --- | --- |",
-            f"| model | {model.get('repo', '-')}@{str(model.get('sha', '-'))[:12]} |",
-            f"| artifact | {artifact.get('id', '-')} ({artifact.get('format', '-')}) |",
+            f"| model | {self.model.ref if self.model else '-'} |",
+            f"| artifact | {artifact.id} ({artifact.format or '-'}) |",
+            f"| bytes | {artifact.manifest_digest or '-'} |",
             f"| commit | {self.commit or '-'} |",
             f"| created | {self.created_at.isoformat(timespec='seconds')} |",
         ]
@@ -115,6 +181,8 @@ class PromotionRecord(BaseModel):
         for gate in (self.eval_gate, self.load_gate):
             if gate is not None:
                 lines += ["", gate.markdown().rstrip()]
+        if self.rollout is not None:
+            lines += ["", f"**Canary:** {self.rollout.final}: {self.rollout.reason}"]
         if self.timings:
             lines += ["", "| step | seconds |", "| --- | --- |"]
             lines += [f"| {step} | {seconds:.1f} |" for step, seconds in self.timings.items()]

@@ -10,12 +10,14 @@ import json
 import math
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from pipeline.errors import TerminalError, first_problem
-from pipeline.record import PromotionRecord
+
+if TYPE_CHECKING:  # the record holds an EvalReport: importing it at run time would be a cycle
+    from pipeline.record import PromotionRecord
 
 
 class MetricValue(BaseModel):

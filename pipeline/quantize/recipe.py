@@ -15,25 +15,15 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from pipeline.config import Quantization
+from pipeline.config import Calibration, Quantization
 from pipeline.errors import TerminalError
-from pipeline.source import ModelSource
+from pipeline.source import ModelSource, SourcePolicy
 
 Method = Literal["awq", "gptq"]
 Backend = Literal["llmcompressor", "autoawq"]
 DEFAULT_CALIBRATION = Path(__file__).with_name("calibration.jsonl")
 BACKEND_DISTRIBUTIONS = {"llmcompressor": "llmcompressor", "autoawq": "autoawq"}
 MANIFEST = "artifact.json"
-
-
-class Calibration(BaseModel):
-    """Where calibration text comes from and how much of it is used."""
-
-    model_config = ConfigDict(frozen=True)
-
-    dataset: str | None = None
-    samples: int = Field(64, gt=0)
-    max_seq_len: int = Field(256, gt=0)
 
 
 class Recipe(BaseModel):
@@ -57,7 +47,7 @@ class Recipe(BaseModel):
             group_size=settings.group_size,
             symmetric=settings.symmetric,
             ignore=tuple(settings.ignore),
-            calibration=Calibration(**settings.calibration.model_dump()),
+            calibration=settings.calibration,
         )
 
     @property
@@ -83,6 +73,7 @@ class Artifact(BaseModel):
     backend: Backend
     source: ModelSource
     recipe: Recipe
+    policy: SourcePolicy = Field(SourcePolicy(), description="what the source was allowed to be when built")
     calibration_sha256: str
     tool_versions: dict[str, str]
     files: list[ArtifactFile]

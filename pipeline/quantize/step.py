@@ -119,6 +119,7 @@ def quantize(
             backend=backend,
             source=source,
             recipe=recipe,
+            policy=policy or SourcePolicy(),
             calibration_sha256=calibration_hash,
             tool_versions={
                 name: tool_version(name)

@@ -1,0 +1,107 @@
+"""`modelctl status`: what runs where (from Git); on a cluster, the Rollout and any promotion in flight.
+
+It needs no Prefect: the promotion commands that run flows (promote, rollback, approve) live in flows/cli.py.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.table import Table
+
+from pipeline.cli.render import JsonFlag, emit_json, errors, out
+
+ConfigOption = Annotated[Path, typer.Option("--config", "-c", help="promotion.yaml")]
+WorkdirOption = Annotated[
+    Path | None, typer.Option(help="the pipeline's clone of the GitOps repo (default: under $MODELCTL_CACHE)")
+]
+
+
+def register(app: typer.Typer) -> None:
+    app.command("status")(status)
+
+
+def status(
+    config: ConfigOption = Path("promotion.yaml"),
+    env: Annotated[str | None, typer.Option("--env", "-e", help="one environment (default: all)")] = None,
+    workdir: WorkdirOption = None,
+    as_json: JsonFlag = False,
+) -> None:
+    """What runs in each environment (from Git), and on a cluster the Rollout's phase and any promotion in flight."""
+    from pipeline.config import load_config
+    from pipeline.gitops import GitOps
+    from pipeline.gitops.commits import live_promotions
+
+    rows: list[dict[str, Any]] = []
+    with errors(as_json):
+        cfg = load_config(config)
+        names = [env] if env else cfg.promotion_order()
+        for name in names:
+            cfg.environment(name)
+        gitops = GitOps.from_settings(cfg.gitops, workdir)
+        for name in names:
+            history = gitops.history(name)
+            live = live_promotions(history)
+            row: dict[str, Any] = {
+                "env": name,
+                "current": dataclasses.asdict(live[0]) if live else None,
+                "last_commit": dataclasses.asdict(history[0]) if history else None,
+                "rollout": None,
+                "in_flight": None,
+                "dangling": None,
+            }
+            environment = cfg.environments[name]
+            if environment.executor == "kubernetes":
+                row.update(_cluster_status(name, environment))
+                row["dangling"] = dangling(row, name)
+            rows.append(row)
+    if as_json:
+        emit_json({"ok": True, "environments": rows})
+        return
+    for row in rows:
+        if row.get("dangling"):
+            out.print(f"[bold red]![/] {row['dangling']}")
+    table = Table("environment", "running", "artifact", "since commit", "rollout", "in flight")
+    for row in rows:
+        current = row["current"]
+        running = f"{current['model']}@{current['revision'][:12]}" if current else "-"
+        table.add_row(
+            row["env"],
+            running,
+            current["artifact"] if current else "-",
+            current["commit"][:12] if current else "-",
+            row["rollout"] or "-",
+            row["in_flight"] or "-",
+        )
+    out.print(table)
+
+
+def dangling(row: dict[str, Any], env: str) -> str | None:
+    """A promotion left mid-canary with nobody driving it (its process was killed): what to do about it."""
+    current, seen = row.get("current"), row.get("seen")
+    if not current or seen is None or row.get("in_flight") or (seen["finished"] and not seen["aborted"]):
+        return None
+    pid = current["promotion_id"]
+    return (
+        f"promotion {pid} to {env} is dangling: its Rollout is {row['rollout']} and no promotion holds the "
+        f"environment. Re-run it to finish or revert it (`modelctl promote {current['model']}@{current['revision']} "
+        f"--env {env} --id {pid}`), or roll it back (`modelctl rollback --env {env}`)"
+    )
+
+
+def _cluster_status(name: str, environment: Any) -> dict[str, Any]:
+    """The Rollout's phase and the Lease holder; 'unreachable' when there is no cluster connection."""
+    from pipeline.errors import PipelineError
+    from pipeline.kube import Kube
+
+    try:
+        kube = Kube.connect()
+        seen = kube.rollout(environment.rollout)
+        lease = kube.lease_holder(name, environment.rollout.namespace)
+    except PipelineError as exc:
+        return {"rollout": f"unreachable ({exc.what.splitlines()[0][:80]})"}
+    rollout = f"{seen.client_phase} at {seen.step}" + (" (aborted)" if seen.aborted else "")
+    return {"rollout": rollout, "in_flight": lease, "seen": {"finished": seen.finished, "aborted": seen.aborted}}

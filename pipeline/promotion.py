@@ -1,0 +1,353 @@
+"""The promotion as a plain sequence of typed steps, with every decision; callable without Prefect.
+
+    resolve -> quantize -> publish -> [requires] -> preload -> evaluate -> load-test -> decide
+        -> approval -> commit -> (pull-request mode: wait for merge, resume later) -> canary -> record
+
+Configuration is read once by the caller and passed typed: nothing here reads promotion.yaml, so editing it
+while a promotion runs changes nothing in that run. Everything before the commit only produces evidence;
+nothing reaches Git unless every gate passed. The decisions live here: the gates judged by their kind, the
+rejection, the serving format, where each step runs (:func:`pipeline.jobs.execute`), the `requires` check on
+manifest digests, and the revert of a canary that failed.
+
+An orchestrator wraps the effects through :class:`Hooks`: each step (a request and the function that runs it),
+each effect (commit, canary, revert), the environment's slot, the approval and the published report. The flow
+in flows/ makes them Prefect tasks (retries, caching, concurrency, approval, artifacts); the default hooks just
+call through, so a program, a test or a plain CLI can promote without Prefect.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, contextmanager, nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+from pipeline.config import Environment, PromotionConfig
+from pipeline.errors import TerminalError
+from pipeline.evaluate.gate import eval_gate
+from pipeline.evaluate.report import baseline_from_record
+from pipeline.evaluate.suite import load_suite
+from pipeline.gates import GateResult
+from pipeline.gitops import CommitResult, GitOps, Promotion
+from pipeline.gitops.commits import live_promotions
+from pipeline.jobs import execute
+from pipeline.loadtest import gate as load_gate
+from pipeline.quantize import Artifact, Backend, Method, Recipe
+from pipeline.record import ArtifactSummary, PromotionRecord, RolloutOutcome, new_promotion_id
+from pipeline.source import ModelSource
+from pipeline.steps import (
+    AnyRequest,
+    EvaluateRequest,
+    LoadTestRequest,
+    PreloadRequest,
+    PublishRequest,
+    QuantizeRequest,
+    ResolveRequest,
+    StepResult,
+    StoredArtifact,
+    source_policy,
+)
+
+T = TypeVar("T")
+Execute = Callable[[AnyRequest], StepResult[Any]]
+
+
+class Hooks:
+    """How an orchestrator wraps what a promotion does. The defaults call straight through."""
+
+    flow_run: str = ""
+
+    def step(self, request: AnyRequest, run: Execute) -> StepResult[Any]:
+        """Run one step (a flow makes it a task: retries on TransientError, caching on the request)."""
+        return run(request)
+
+    def effect(self, name: str, run: Callable[[], T]) -> T:
+        """Run one effect on the outside world: ``commit``, ``canary``, ``revert``."""
+        return run()
+
+    def slot(self, env: str) -> AbstractContextManager[None]:
+        """Hold the environment's one promotion slot for the block."""
+        return nullcontext()
+
+    def approve(self, env: str, timeout_s: float, what: str) -> str:
+        """Wait for a person to approve ``what``; returns who approved.
+
+        Raises:
+            TerminalError: rejected, timed out, or (here) nobody can be asked.
+        """
+        raise TerminalError(
+            f"{env} requires manual approval, and this promotion runs without anyone to ask",
+            hint="run it through the promote flow (`modelctl promote`), which pauses for `modelctl approve`",
+        )
+
+    def report(self, record: PromotionRecord, env: Environment) -> None:
+        """Show the finished (or rejected) record: the flow publishes it as Prefect artifacts."""
+
+    def progress(self, step: str, status: str) -> None:
+        """Called before each step (``started``) and after it (its status)."""
+
+
+@dataclass
+class Run:
+    """One promotion in progress: the typed configuration it was started with, and what it has found so far."""
+
+    cfg: PromotionConfig
+    env_name: str
+    gitops: GitOps
+    hooks: Hooks
+    record: PromotionRecord
+    timings: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def env(self) -> Environment:
+        return self.cfg.environments[self.env_name]
+
+    def step(self, request: AnyRequest) -> Any:
+        """Run a step through the hooks where the environment runs it; returns its typed output."""
+        self.hooks.progress(request.step, "started")
+        result = self.hooks.step(request, self._execute)
+        self.timings[request.step] = result.seconds
+        self.hooks.progress(request.step, result.status)
+        return result.value()
+
+    def _execute(self, request: AnyRequest) -> StepResult[Any]:
+        kube = None
+        if self.env.executor == "kubernetes":
+            from pipeline.kube import Kube
+
+            kube = Kube.connect()
+        return execute(request, self.env_name, self.env, kube)
+
+    @contextmanager
+    def timed(self, name: str) -> Iterator[None]:
+        started = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.timings[name] = round(time.perf_counter() - started, 3)
+
+
+def artifacts_root(env: Environment) -> Path:
+    """Where quantized artifacts are built for ``env``: beside the preloaded entries on the cache volume."""
+    return Path(env.cache.root) / ".artifacts"
+
+
+def serving_format(artifact: Artifact) -> str:
+    """The quantization name vLLM is given for the artifact's format."""
+    return "compressed-tensors" if artifact.format == "compressed-tensors" else "awq"
+
+
+def check_requires(gitops: GitOps, env_name: str, env: Environment, stored: StoredArtifact) -> None:
+    """An environment with ``requires`` takes only the bytes live (and evaluated) in each required environment.
+
+    Raises:
+        TerminalError: a required environment does not run this artifact, or runs other bytes under its id.
+    """
+    for needed in env.requires:
+        live = [e for e in live_promotions(gitops.history(needed)) if e.artifact == stored.artifact_id]
+        if not live:
+            raise TerminalError(
+                f"{env_name} requires {needed} first, and {stored.artifact_id} is not live in {needed}",
+                hint=f"promote the same model and recipe to {needed} first (`modelctl promote ... --env {needed}`)",
+            )
+        seen = gitops.record(needed, live[0].promotion_id).artifact
+        digest = seen.manifest_digest if seen else None
+        if digest is not None and digest != stored.manifest_digest:
+            raise TerminalError(
+                f"{env_name} requires the bytes {needed} evaluated: {needed} runs {stored.artifact_id} as {digest}, "
+                f"this build is {stored.manifest_digest}",
+                hint=f"preload the artifact {needed} published instead of a rebuilt or changed copy",
+            )
+
+
+def judge(run: Run, model_dir: str) -> list[GateResult]:
+    """Measure the candidate and judge it: the eval gate against Git's baseline, then (here) the latency SLO."""
+    env, gates = run.env, []
+    if env.gates.eval is not None:
+        gate = env.gates.eval
+        report = run.step(EvaluateRequest(model_dir=model_dir, suite=gate.suite, policy=gate.policy))
+        baseline = baseline_from_record(run.gitops.baseline(run.env_name))
+        result = eval_gate(report, baseline, load_suite(gate.suite), gate.policy)
+        run.record = run.record.model_copy(update={"eval_report": report, "eval_gate": result})
+        gates.append(result)
+    if env.gates.load is not None and env.executor == "local" and all(g.passed for g in gates):
+        request = LoadTestRequest(model_dir=model_dir, gate=env.gates.load, served_name=run.cfg.model.served_name)
+        report = run.step(request)
+        result = load_gate(report, env.gates.load.slo)
+        run.record = run.record.model_copy(update={"load_report": report, "load_gate": result})
+        gates.append(result)
+    return gates
+
+
+def promote(
+    cfg: PromotionConfig,
+    env_name: str,
+    ref: str,
+    *,
+    method: Method | None = None,
+    backend: Backend | None = None,
+    promotion_id: str | None = None,
+    workdir: Path | None = None,
+    hooks: Hooks | None = None,
+) -> PromotionRecord:
+    """Promote ``ref`` (org/name[@rev] or a local directory) to ``env_name``; returns the record.
+
+    In pull-request mode the record comes back ``waiting`` once the branch is pushed (the slot is released);
+    :func:`resume` finishes it after the merge.
+
+    Raises:
+        TerminalError: a gate failed (nothing was committed), a step was refused, or the canary was reverted.
+    """
+    hooks = hooks or Hooks()
+    env = cfg.environment(env_name)
+    pid = promotion_id or new_promotion_id()
+    record = PromotionRecord(id=pid, env=env_name, flow_run=hooks.flow_run or None)
+    run = Run(cfg, env_name, GitOps.from_settings(cfg.gitops, workdir), hooks, record)
+    with hooks.slot(env_name):
+        policy = source_policy(cfg.model)
+        source: ModelSource = run.step(ResolveRequest(ref=ref, policy=policy))
+        recipe = Recipe.from_config(cfg.model.quantization, method)
+        chosen = backend or cfg.model.quantization.backend
+        quantize = QuantizeRequest(
+            source=source, recipe=recipe, backend=chosen, out_root=str(artifacts_root(env)), policy=policy
+        )
+        artifact: Artifact = run.step(quantize)
+        stored: StoredArtifact = run.step(PublishRequest(artifact_dir=artifact.path))
+        run.record = run.record.model_copy(
+            update={"model": source, "artifact": ArtifactSummary.of(artifact, stored.manifest_digest, stored.uri)}
+        )
+        check_requires(run.gitops, env_name, env, stored)
+        preload = PreloadRequest(
+            artifact_dir=artifact.path, cache_root=env.cache.root, expected_digest=stored.manifest_digest
+        )
+        entry = run.step(preload)
+        gates = judge(run, entry.path)
+        failed = [g for g in gates if not g.passed]
+        if failed:
+            reason = "; ".join(g.summary() for g in failed)
+            run.record = run.record.model_copy(
+                update={"decision": "rejected", "reason": reason, "timings": run.timings}
+            )
+            hooks.report(run.record, env)
+            raise TerminalError(f"{artifact.id} was rejected for {env_name}, nothing was committed: {reason}")
+        promotion = Promotion(
+            id=pid,
+            env=env_name,
+            model=source.repo,
+            revision=source.sha,
+            artifact=artifact.id,
+            format=artifact.recipe.name,
+            quantization=serving_format(artifact),
+            served_name=cfg.model.served_name,
+            eval=run.record.eval_gate.summary() if run.record.eval_gate else "",
+            latency=run.record.load_gate.summary() if run.record.load_gate else "",
+            flow_run=hooks.flow_run,
+        )
+        if env.approval.required:
+            with run.timed("approval"):
+                hooks.approve(env_name, env.approval.timeout_s, artifact.id)
+        run.record = run.record.model_copy(
+            update={"decision": "promoted", "reason": "every gate passed", "timings": run.timings}
+        )
+        with cluster_guard(run):
+            with run.timed("commit"):
+                commit = hooks.effect("commit", lambda: run.gitops.promote(promotion, env.values_file, run.record))
+            run.record = run.record.model_copy(update={"commit": commit.commit})
+            if _waits_for_merge(cfg, commit):
+                return _waiting(run, commit)
+            _deploy(run, commit.commit, cfg.model.served_name or source.repo)
+    return _finish(run)
+
+
+def resume(
+    cfg: PromotionConfig,
+    env_name: str,
+    promotion_id: str,
+    *,
+    workdir: Path | None = None,
+    hooks: Hooks | None = None,
+) -> PromotionRecord:
+    """Finish a pull-request promotion once its branch is merged: take the slot again, then the canary.
+
+    Raises:
+        TerminalError: the promotion is not merged yet (nothing is done), was reverted, or its canary was.
+    """
+    hooks = hooks or Hooks()
+    cfg.environment(env_name)
+    gitops = GitOps.from_settings(cfg.gitops, workdir)
+    merged = next((e for e in gitops.history(env_name) if e.promotion_id == promotion_id), None)
+    if merged is None or merged.action != "promote":
+        raise TerminalError(
+            f"promotion {promotion_id} is not merged into {cfg.gitops.branch} of the GitOps repo yet",
+            hint=f"merge its pull request (branch modelctl/{env_name}/{promotion_id}), then resume it again",
+        )
+    if merged not in live_promotions(gitops.history(env_name)):
+        raise TerminalError(f"promotion {promotion_id} was merged and then reverted: there is nothing to resume")
+    stored = gitops.record(env_name, promotion_id)
+    record = stored.model_copy(update={"commit": merged.commit, "flow_run": hooks.flow_run or stored.flow_run})
+    run = Run(cfg, env_name, gitops, hooks, record, dict(stored.timings))
+    with hooks.slot(env_name), cluster_guard(run):
+        served = cfg.model.served_name or (stored.model.repo if stored.model else merged.model)
+        _deploy(run, merged.commit, served)
+    return _finish(run)
+
+
+@contextmanager
+def cluster_guard(run: Run) -> Iterator[None]:
+    """On a cluster: hold the environment's Lease and check the GPU pool before the commit; locally: nothing."""
+    if run.env.executor != "kubernetes":
+        yield
+        return
+    from pipeline.canary import guarded
+    from pipeline.kube import Kube
+
+    with guarded(Kube.connect(), run.env_name, run.env, run.hooks.flow_run or run.record.id):
+        yield
+
+
+def _waits_for_merge(cfg: PromotionConfig, commit: CommitResult) -> bool:
+    return cfg.gitops.mode == "pull-request" and not commit.skipped and bool(commit.branch)
+
+
+def _waiting(run: Run, commit: CommitResult) -> PromotionRecord:
+    reason = (
+        f"waiting for merge: branch {commit.branch} holds commit {commit.commit[:12]}; after the merge run "
+        f"`modelctl promote --resume {run.record.id} --env {run.env_name}`"
+    )
+    update = {"decision": "waiting", "reason": reason, "branch": commit.branch, "timings": run.timings}
+    run.record = run.record.model_copy(update=update)
+    run.hooks.report(run.record, run.env)
+    return run.record
+
+
+def _deploy(run: Run, commit: str, served: str) -> None:
+    """On a cluster: make ``commit`` live and walk its canary; any error on the way reverts before it propagates."""
+    if run.env.executor != "kubernetes":
+        return
+    from pipeline.canary import deploy, revert
+    from pipeline.checks import canary_checks
+    from pipeline.kube import Kube
+
+    env, name, pid = run.env, run.env_name, run.record.id
+    with run.timed("canary"):
+        try:
+            outcome: RolloutOutcome = run.hooks.effect(
+                "canary",
+                lambda: deploy(Kube.connect(), run.gitops, name, env, commit, pid, canary_checks(name, env, served)),
+            )
+        except Exception as exc:
+            why = f"the promotion failed after its commit: {exc}"[:300]
+            run.hooks.effect("revert", lambda: revert(Kube.connect(), run.gitops, name, env, pid, why))
+            raise
+    decision = "promoted" if outcome.final == "done" else "reverted"
+    run.record = run.record.model_copy(update={"rollout": outcome, "decision": decision, "reason": outcome.reason})
+
+
+def _finish(run: Run) -> PromotionRecord:
+    run.record = run.record.model_copy(update={"timings": run.timings})
+    run.hooks.report(run.record, run.env)
+    if run.record.decision == "reverted":
+        raise TerminalError(f"promotion {run.record.id} to {run.env_name} was reverted: {run.record.reason}")
+    return run.record

@@ -1,0 +1,43 @@
+"""quantize: a pinned source + the full recipe + the source policy -> an Artifact (a skip when it exists)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pipeline.progress import Progress
+from pipeline.quantize import Artifact, Backend, Recipe, artifact_id, quantize
+from pipeline.quantize.recipe import MANIFEST, calibration_sha256, load_calibration
+from pipeline.source import ModelSource, SourcePolicy
+from pipeline.steps.base import StepRequest
+
+
+class QuantizeRequest(StepRequest):
+    step: Literal["quantize"] = "quantize"
+    source: ModelSource
+    recipe: Recipe
+    backend: Backend
+    out_root: str
+    policy: SourcePolicy = SourcePolicy()
+
+    def artifact_id(self) -> str:
+        """The id the build will have (reads the calibration data, loads no model)."""
+        texts = load_calibration(self.recipe.calibration)
+        return artifact_id(self.source, self.recipe, self.backend, calibration_sha256(texts))
+
+    def built(self) -> bool:
+        """Whether the artifact is already on disk where this request builds it."""
+        return (Path(self.out_root) / self.artifact_id() / MANIFEST).is_file()
+
+
+def run(request: QuantizeRequest, progress: Progress | None = None) -> tuple[Artifact, bool]:
+    """Raises: TerminalError (recipe, backend and model do not fit; no calibration data)."""
+    artifact = quantize(
+        request.source,
+        request.recipe,
+        Path(request.out_root),
+        request.backend,
+        policy=request.policy,
+        progress=progress,
+    )
+    return artifact, artifact.skipped
