@@ -210,6 +210,15 @@ def test_a_source_that_differs_from_its_manifest_is_not_published(store: Artifac
     assert not store.has(ART_ID)
 
 
+def test_a_file_lost_from_the_local_store_is_named_not_taken_for_tampering(tmp_path: Path) -> None:
+    store = LocalStore(tmp_path / "store")
+    stored = store.publish(build(tmp_path / "built"))
+    (store.root / "artifacts" / ART_ID / "config.json").unlink()
+    with pytest.raises(TerminalError, match=f"has lost {ART_ID}/config.json") as refused:
+        fetch_into_cache(store, ART_ID, stored.manifest_digest, tmp_path / "cache")
+    assert not isinstance(refused.value, DigestMismatch)
+
+
 def test_fetch_of_an_unpublished_artifact_says_so(store: ArtifactStore, tmp_path: Path) -> None:
     with pytest.raises(TerminalError, match=f"artifact {ART_ID} is not in"):
         fetch_into_cache(store, ART_ID, "sha256:" + "0" * 64, tmp_path / "cache")
@@ -247,6 +256,12 @@ def test_hub_token_never_appears_in_errors(fake_hub: FakeHub, tmp_path: Path, mo
     monkeypatch.setenv("MODELCTL_STORE_TOKEN", TOKEN)
     stored = store.publish(build(tmp_path / "built"))
     assert TOKEN not in stored.model_dump_json() and TOKEN not in json.dumps(fake_hub.repos[REPO].history, default=str)
+
+
+def test_hub_store_refuses_plainly_when_the_hub_is_switched_off(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    with pytest.raises(TerminalError, match="HF_HUB_OFFLINE"):
+        HubStore(REPO).lookup(ART_ID)
 
 
 def test_config_artifacts_section(tmp_path: Path) -> None:

@@ -12,7 +12,7 @@ Hub repo of the organization, each artifact pinned to its upload commit).
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from pipeline.cache import CacheEntry, Expected, Plan, preload_plan
@@ -103,11 +103,18 @@ def fetch_into_cache(
     for actual in (stored.manifest_digest, listed):
         if actual != expected_digest:
             raise _mismatch(artifact_id, expected_digest, actual, store, "holds")
-    read = store.reader(stored)
-    manifest = b"".join(read(MANIFEST, 0))
+    source = store.reader(stored)
+    manifest = b"".join(source(MANIFEST, 0))
     described = manifest_digest(parse_manifest(manifest, stored.uri).files)
     if described != expected_digest:
         raise _mismatch(artifact_id, expected_digest, described, store, "has a manifest for")
+    touched = False  # whether the copy read any of the store's files (a space refusal comes before that)
+
+    def read(name: str, offset: int) -> Iterator[bytes]:
+        nonlocal touched
+        touched = True
+        yield from source(name, offset)
+
     plan = Plan(
         entry_id=artifact_id,
         files=[Expected(f.name, f.size, sha256=f.sha256) for f in stored.files],
@@ -118,7 +125,9 @@ def fetch_into_cache(
     try:
         return preload_plan(plan, cache_root, verify=verify, progress=progress)
     except TerminalError:
-        actual = served_digest(stored.files, read)
+        if not touched:
+            raise  # the cache's own trouble (space), already explained
+        actual = served_digest(stored.files, source)  # a file differed from the manifest: what is served?
         if actual == expected_digest:
-            raise  # not the store's bytes: the cache's own trouble (space), already explained
+            raise
         raise _mismatch(artifact_id, expected_digest, actual, store, "serves") from None

@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-from huggingface_hub import CommitOperationAdd, HfApi, errors, hf_hub_download, hf_hub_url
+from huggingface_hub import CommitOperationAdd, HfApi, constants, errors, hf_hub_download, hf_hub_url
 from huggingface_hub.utils import build_hf_headers
 from pydantic import BaseModel, ValidationError
 
@@ -94,7 +94,17 @@ class HubStore:
             raise TransientError(f"{where} failed: {text}", hint="retry; nothing published is changed") from None
 
     def _read_json(self, path: str, revision: str = "main") -> dict[str, Any] | None:
-        """A JSON file of the repo at ``revision`` (downloaded with huggingface_hub), or None when absent."""
+        """A JSON file of the repo at ``revision`` (downloaded with huggingface_hub), or None when absent.
+
+        Raises:
+            TerminalError: the Hub is switched off here, or refused the token.
+            TransientError: the Hub could not be reached.
+        """
+        if constants.is_offline_mode():
+            raise TerminalError(
+                f"cannot read {self.describe}: the Hub is switched off here (HF_HUB_OFFLINE is set)",
+                hint="unset HF_HUB_OFFLINE where the pipeline runs, or use `artifacts: {store: local, ...}`",
+            )
         with tempfile.TemporaryDirectory(prefix="modelctl-hubstore-") as tmp, self._errors(f"reading {path}"):
             try:
                 local = hf_hub_download(
