@@ -23,6 +23,8 @@ from typing import Any
 import git
 import yaml
 
+from pipeline.rollout import argocd_health, observe_rollout
+
 from .rollouts import Clock, rfc3339, utcnow
 from .store import BY_KIND, ApiError, Obj, Store
 
@@ -32,7 +34,6 @@ REFRESH = "argocd.argoproj.io/refresh"
 VALUES_HASH = "modelctl.io/values-hash"
 ARTIFACT_ID = "modelctl.io/artifact-id"
 ARTIFACT_KEYS = ("artifactId", "artifact_id", "artifact-id")
-HEALTH_OF_PHASE = {"Healthy": "Healthy", "Paused": "Suspended", "Progressing": "Progressing", "Degraded": "Degraded"}
 
 Render = Callable[[str, Obj], Obj]
 
@@ -201,13 +202,8 @@ class ArgoCDSimulator:
         except ApiError:
             health = {"status": "Missing", "message": "the Rollout does not exist"}
         else:
-            status = rollout.get("status") or {}
-            if status.get("observedGeneration") != str(rollout["metadata"].get("generation")):
-                health = {"status": "Progressing", "message": "Waiting for rollout spec update to be observed"}
-            else:
-                health = {"status": HEALTH_OF_PHASE.get(status.get("phase", ""), "Unknown")}
-                if status.get("message"):
-                    health["message"] = status["message"]
+            status_, message = argocd_health(observe_rollout(rollout))  # health.lua's reading (conformance-tested)
+            health = {"status": status_, **({"message": message} if message else {})}
         now = rfc3339(self.clock())
 
         def assess(obj: Obj) -> None:

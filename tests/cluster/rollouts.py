@@ -21,6 +21,8 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+from pipeline.rollout import calculate_phase, observe_rollout
+
 from .store import BY_KIND, Obj, Store
 
 ROLLOUT = BY_KIND["Rollout"]
@@ -37,6 +39,12 @@ def rfc3339(moment: datetime) -> str:
 
 def parse_time(text: str) -> datetime:
     return datetime.strptime(text, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=UTC)
+
+
+def controller_phase(obj: Obj) -> tuple[str, str]:
+    """status.phase and status.message as the v1 controller writes them: ``CalculateRolloutPhase`` on the
+    object's spec and status (the project's reading of it, held to Argo's fixtures in test_argo_conformance)."""
+    return calculate_phase(observe_rollout(obj))
 
 
 def pod_hash(template: Any) -> str:
@@ -124,8 +132,6 @@ class RolloutsSimulator:
 
         if current != stable:
             self._canary(key, obj, state, steps, want, now)
-        stable = status.get("stableRS")
-        self._phase(obj, steps, state)
         status.update(
             observedGeneration=str(obj["metadata"].get("generation", 1)),
             replicas=sum(state.replicas.values()),
@@ -135,6 +141,12 @@ class RolloutsSimulator:
         )
         status["canary"] = {}
         status["selector"] = f"rollouts-pod-template-hash={status['currentPodHash']}"
+        status.pop("phase", None)
+        status.pop("message", None)
+        phase, message = controller_phase(obj)
+        status["phase"] = phase
+        if message:
+            status["message"] = message
 
     def _canary(
         self, key: tuple[str, str], obj: Obj, state: _State, steps: list[Obj], want: int, now: datetime
@@ -268,20 +280,3 @@ class RolloutsSimulator:
     @staticmethod
     def _reason(status: Obj) -> str:
         return next((c["reason"] for c in status.get("conditions") or [] if c["type"] == "Progressing"), "")
-
-    def _phase(self, obj: Obj, steps: list[Obj], state: _State) -> None:
-        status = obj["status"]
-        reason = self._reason(status)
-        message = next((c["message"] for c in status.get("conditions") or [] if c["type"] == "Progressing"), "")
-        if reason in ("RolloutAborted", "ProgressDeadlineExceeded"):
-            status.update(phase="Degraded", message=f"{reason}: {message}")
-        elif obj["spec"].get("paused"):
-            status.update(phase="Paused", message="manually paused")
-        elif status.get("pauseConditions"):
-            status.update(phase="Paused", message=status["pauseConditions"][0]["reason"])
-        elif status.get("stableRS") == status.get("currentPodHash"):
-            status.update(phase="Healthy", message="")
-            status.pop("message")
-        else:
-            index = int(status.get("currentStepIndex") or 0)
-            status.update(phase="Progressing", message=f"more replicas need to be updated (step {index}/{len(steps)})")
