@@ -76,7 +76,13 @@ class GitOpsRepo(Strict):
             )
         if value.startswith(URL_SCHEMES) or re.match(r"^[\w.-]+@[\w.-]+:", value):
             return value
-        return str((_base_dir(info) / value).resolve())
+        path = (_base_dir(info) / Path(value).expanduser()).resolve()
+        if not value.startswith(("./", "../", "/", "~")) and not path.exists():
+            raise ValueError(
+                f"{value!r} is neither a URL (https://, ssh://, file://, git@host:) nor an existing path "
+                f"(no {path}); write ./{value} for a local repository relative to this file, or its full URL"
+            )
+        return str(path)
 
 
 class Calibration(Strict):
@@ -111,10 +117,30 @@ class ModelSettings(Strict):
     @field_validator("source")
     @classmethod
     def _local_source(cls, value: str | None, info: ValidationInfo) -> str | None:
-        """A reference that looks like a path (./, ../, /, ~) is a local directory, relative to this file."""
-        if value is not None and value.startswith(("./", "../", "/", "~")):
-            return str((_base_dir(info) / Path(value).expanduser()).resolve())
-        return value
+        """A reference that looks like a path (./, ../, /, ~) is a local directory, relative to this file.
+
+        A bare name is never silently taken for the Hub: it is a directory beside this file if one exists, else an
+        error; ``org/name`` is a Hub id unless a directory of that name is here too (then it is ambiguous).
+        """
+        if value is None:
+            return value
+        path = (_base_dir(info) / Path(value).expanduser()).resolve()
+        if value.startswith(("./", "../", "/", "~")):
+            return str(path)
+        hub_like = re.fullmatch(r"[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*(@[\w./-]+)?", value) is not None
+        if hub_like and path.is_dir():
+            raise ValueError(
+                f"{value!r} is ambiguous: a Hub repo id and the directory {path}; write ./{value} for the "
+                "directory, or move it away to mean the Hub repo"
+            )
+        if hub_like:
+            return value
+        if path.is_dir():
+            return str(path)
+        raise ValueError(
+            f"{value!r} is neither a local directory (no {path}) nor a Hub repo id (org/name[@revision]); "
+            f"write ./{value} for a directory relative to this file, or the full org/name of the Hub repo"
+        )
 
     trust_remote_code: bool = False
     allow_pickle: bool = False
@@ -238,9 +264,64 @@ class LoadGate(Strict):
     slo: Slo
 
 
+class CapacitySweep(Strict):
+    """How one capacity sweep searches for goodput: a geometric ramp from `start_rps`, then bisection.
+
+    Each rate is held for `duration_s` (longer when the SLO's percentiles need more samples) after `warmup_s`;
+    one sweep stops at `budget_s` (inconclusive if the goodput is not bracketed by then). See
+    pipeline/loadtest/capacity.py for the stopping rules.
+    """
+
+    start_rps: PositiveFloat = 1.0
+    growth: Annotated[float, Field(gt=1)] = 2.0
+    max_rps: PositiveFloat = 256.0
+    resolution: Annotated[float, Field(gt=0, le=1)] = 0.1
+    duration_s: PositiveFloat = 10.0
+    warmup_s: Annotated[float, Field(ge=0)] = 1.0
+    budget_s: PositiveFloat = 300.0
+    repetitions: Annotated[int, Field(ge=3)] = 3
+
+    @model_validator(mode="after")
+    def _range(self) -> CapacitySweep:
+        if self.max_rps < self.start_rps:
+            raise ValueError(f"max_rps {self.max_rps:g} is below start_rps {self.start_rps:g}")
+        return self
+
+
+class CapacityPolicy(Strict):
+    """The capacity gate and plan: candidate vs incumbent goodput (requests/s one replica serves within the SLO)."""
+
+    peak_rps: PositiveFloat | None = Field(None, description="the environment's peak request rate, for the plan")
+    gpu_hour_cost: Annotated[float, Field(ge=0)] | None = Field(None, description="price of one GPU for an hour")
+    max_replicas: PositiveInt | None = Field(None, description="the most replicas the environment may run")
+    max_regression: Annotated[float, Field(ge=0, lt=1)] = Field(
+        0.1, description="the largest drop of median goodput, as a fraction of the incumbent's, that passes"
+    )
+    stderr_k: Annotated[float, Field(ge=0)] = Field(
+        2.0, description="a larger drop still passes while within stderr_k x the combined standard error"
+    )
+    write_replicas: bool = Field(
+        False, description="write the replicas needed at peak (or KEDA's maxReplicas) into the promotion commit"
+    )
+    sweep: CapacitySweep = CapacitySweep()
+
+    @model_validator(mode="after")
+    def _replicas_need_peak(self) -> CapacityPolicy:
+        if self.write_replicas and self.peak_rps is None:
+            raise ValueError("write_replicas needs peak_rps: the replicas written are those needed at the peak rate")
+        return self
+
+
 class Gates(Strict):
     eval: EvalGate | None = None
     load: LoadGate | None = None
+    capacity: CapacityPolicy | None = None
+
+    @model_validator(mode="after")
+    def _capacity_needs_load(self) -> Gates:
+        if self.capacity is not None and self.load is None:
+            raise ValueError("capacity needs load: the sweep holds the load gate's SLO and uses its profile")
+        return self
 
 
 CheckKind = Literal["load", "metrics"]

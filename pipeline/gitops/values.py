@@ -146,6 +146,31 @@ def check_values(text: str, chart_dir: Path, where: str) -> dict[str, Any]:
     return merged
 
 
+def scale_changes(text: str, replicas: int) -> dict[str, Any]:
+    """The values keys that size an environment for ``replicas`` at peak: ``replicas``, or, where this values
+    file turns KEDA on (``autoscaling.enabled``), KEDA's ``autoscaling.maxReplicas`` (and ``minReplicas`` when it
+    is above that, or unset with one replica), since the Rollout's own count is ignored then.
+
+    Raises:
+        TerminalError: ``replicas`` is below 1, or the text is not a YAML mapping.
+    """
+    if replicas < 1:
+        raise TerminalError(f"cannot size an environment for {replicas} replicas", hint="at least 1 is needed")
+    try:
+        doc = YAML(typ="safe").load(text) or {}
+    except YAMLError as exc:
+        raise TerminalError(f"values file is not valid YAML: {exc}", hint="fix the file in the GitOps repo") from None
+    if not isinstance(doc, dict):
+        raise TerminalError("values file is not a YAML mapping", hint="fix the file in the GitOps repo")
+    if get_key(doc, "autoscaling.enabled") is not True:
+        return {"replicas": replicas}
+    changes: dict[str, Any] = {"autoscaling.maxReplicas": replicas}
+    low = get_key(doc, "autoscaling.minReplicas")  # unset: the chart's default (at least 1) applies
+    if (isinstance(low, int) and low > replicas) or (low is None and replicas == 1):
+        changes["autoscaling.minReplicas"] = replicas
+    return changes
+
+
 def flatten(data: Any, prefix: str = "") -> dict[str, Any]:
     if isinstance(data, dict) and data:
         flat: dict[str, Any] = {}
