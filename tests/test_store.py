@@ -181,6 +181,17 @@ def test_tampered_copy_is_refused_naming_both_digests(case: Case, tmp_path: Path
     assert not (root / ART_ID / MARKER).exists(), "nothing was marked complete in the cache"
 
 
+def test_a_rewritten_manifest_in_the_store_is_refused(case: Case, tmp_path: Path) -> None:
+    artifact = build(tmp_path / "built")
+    stored = case.store.publish(artifact)
+    forged = build(tmp_path / "forged", weights=flipped(WEIGHTS))  # its artifact.json lists other weights
+    case.tamper(stored, "artifact.json", (forged / "artifact.json").read_bytes())
+    with pytest.raises(DigestMismatch) as refused:
+        fetch_into_cache(case.store, ART_ID, stored.manifest_digest, tmp_path / "cache")
+    forged_digest = digest_with_weights(artifact, flipped(WEIGHTS))
+    assert stored.manifest_digest in str(refused.value) and forged_digest in str(refused.value)
+
+
 def test_rebuilt_artifact_with_the_same_id_is_refused_at_publish(store: ArtifactStore, tmp_path: Path) -> None:
     first = store.publish(build(tmp_path / "first"))
     rebuilt = build(tmp_path / "rebuilt", weights=flipped(WEIGHTS))
