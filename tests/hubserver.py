@@ -137,8 +137,11 @@ def _handler(hub: FakeHub) -> type[BaseHTTPRequestHandler]:
                 request = json.loads(body)
                 repo_id = f"{request['organization']}/{request['name']}" if request.get("organization") else ""
                 with hub.lock:
-                    if repo_id in hub.repos:
-                        self._error(409, "RepoExists", "You already created this model repo")
+                    if repo_id in hub.repos:  # the Hub answers 409 with the repo's url
+                        message = "You already created this model repo"
+                        headers = {"Content-Type": "application/json", "X-Error-Message": message}
+                        body = {"error": message, "url": f"{base}/{repo_id}"}
+                        self._send(409, json.dumps(body).encode(), headers)
                         return
                     sha = hashlib.sha1(f"init {repo_id}".encode()).hexdigest()
                     private = request.get("visibility") == "private" or bool(request.get("private"))

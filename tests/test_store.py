@@ -97,6 +97,13 @@ class Case:
             assert self.hub is not None
             self.hub.repos[REPO].served[f"artifacts/{stored.artifact_id}/{name}"] = content
 
+    def drop_index(self, artifact_id: str) -> None:
+        """Undo the index entry only, as a publish that died between copying the files and indexing them."""
+        if isinstance(self.store, LocalStore):
+            (self.store.root / "index" / f"{artifact_id}.json").unlink()
+        else:
+            HfApi(endpoint=self.store.endpoint, token=TOKEN).delete_file(f"index/{artifact_id}.json", REPO)
+
     def wipe(self) -> None:
         """Empty the store, as if it were recreated (the next publish of an id starts afresh)."""
         if isinstance(self.store, LocalStore):
@@ -144,6 +151,18 @@ def test_publish_lookup_fetch_round_trip(store: ArtifactStore, tmp_path: Path) -
     record = json.loads((root / ART_ID / "store.json").read_text())
     assert record["manifest_digest"] == expected and record["uri"] == stored.uri
     assert fetch_into_cache(store, ART_ID, expected, root).skipped
+
+
+def test_a_publish_that_died_before_indexing_converges_on_rerun(case: Case, tmp_path: Path) -> None:
+    artifact = build(tmp_path / "built")
+    first = case.store.publish(artifact)
+    case.drop_index(ART_ID)
+    uploads = len(case.hub.lfs_objects) if case.hub else 0
+    again = case.store.publish(artifact)
+    assert not again.skipped and again.manifest_digest == first.manifest_digest
+    assert (len(case.hub.lfs_objects) if case.hub else 0) == uploads, "unchanged files are not uploaded again"
+    entry = fetch_into_cache(case.store, ART_ID, first.manifest_digest, tmp_path / "cache")
+    assert (Path(entry.path) / "model.safetensors").read_bytes() == WEIGHTS
 
 
 def test_hub_store_is_private_pinned_and_uploads_weights_through_lfs(
