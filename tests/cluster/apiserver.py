@@ -80,21 +80,6 @@ class Route:
     def verb(self) -> str:
         return "watch" if self.query.get("watch") in ("true", "1") else "get"
 
-    def rbac_verb(self, method: str) -> str:
-        """The verb RBAC checks: list/watch for collections, deletecollection, create, update, patch, ..."""
-        watching = self.query.get("watch") in ("true", "1")
-        if method == "GET":
-            return "watch" if watching else ("list" if self.name is None else "get")
-        if method == "DELETE":
-            return "deletecollection" if self.name is None else "delete"
-        return {"POST": "create", "PUT": "update", "PATCH": "patch"}[method]
-
-    def attributes(self, method: str) -> rbac.Attributes:
-        r = self.resource
-        return rbac.request_attributes(
-            self.rbac_verb(method), r.group, r.plural, self.subresource, self.namespace, self.name, self.query
-        )
-
 
 def parse_route(path: str, query: dict[str, str]) -> Route:
     """Split an API path into kind, namespace, name and subresource."""
@@ -235,10 +220,12 @@ class _Handler(BaseHTTPRequestHandler):
             return
         try:
             who = self.api.tokens.identify(self.headers.get("Authorization"), self.api.store)
-            route = parse_route(split.path, query)
+            found = rbac.path_attributes(split.path, method, query)
+            if found is None:
+                raise ApiError(404, "NotFound", f"the server could not find the requested resource ({split.path})")
+            attrs, named = found
             verb = {"POST": "create", "PUT": "update", "PATCH": "patch", "DELETE": "delete"}.get(method)
-            verb = verb or (route.verb if route.name is None else "get")
-            attrs = route.attributes(method)
+            verb = verb or ("watch" if attrs.verb == "watch" and not named else "get")  # the names faults use
             allowed = rbac.authorize(self.api.store, who, attrs)
             with self.api._lock:
                 self.api.requests.append(Request(verb, split.path, query, content_type, body, who.user, attrs, allowed))
@@ -246,6 +233,7 @@ class _Handler(BaseHTTPRequestHandler):
                 rbac.record_session(rbac.Use(who.user, attrs, allowed))
             if not allowed:
                 raise attrs.forbidden(who.user)
+            route = parse_route(split.path, query)
             fault = self.api.take_fault(verb, route)
             if fault is not None and fault.mode == "hang":
                 self.api.stopping.wait(30)  # longer than any client timeout in the tests

@@ -242,6 +242,33 @@ def request_attributes(verb: str, group: str, resource: str, sub: str | None, ns
     return Attributes(verb, group, resource, sub or "", ns or "", name or "")
 
 
+def path_attributes(path: str, method: str, query: dict[str, str]) -> tuple[Attributes, bool] | None:
+    """The attributes of a resource request from its path alone (the real server authorizes before it routes, so
+    a kind this fake does not serve is refused, and recorded, like any other); and whether the path names an
+    object. None for a path that is no resource request."""
+    parts = [p for p in path.split("/") if p]
+    if parts[:2] == ["api", "v1"]:
+        group, rest = "", parts[2:]
+    elif len(parts) >= 3 and parts[0] == "apis":
+        group, rest = parts[1], parts[3:]
+    else:
+        return None
+    namespace = ""
+    if len(rest) >= 3 and rest[0] == "namespaces":
+        namespace, rest = rest[1], rest[2:]
+    if not rest:
+        return None
+    name, sub = (rest[1] if len(rest) > 1 else ""), (rest[2] if len(rest) > 2 else "")
+    watching = query.get("watch") in ("true", "1")
+    if method == "GET":
+        verb = "watch" if watching else ("get" if name else "list")
+    elif method == "DELETE":
+        verb = "delete" if name else "deletecollection"
+    else:
+        verb = {"POST": "create", "PUT": "update", "PATCH": "patch"}.get(method, method.lower())
+    return request_attributes(verb, group, rest[0], sub, namespace, name, query), bool(name)
+
+
 def describe(uses: Iterable[Attributes]) -> list[str]:
     """Readable, sorted, de-duplicated ``verb resource (group) in ns`` lines."""
     return sorted(
