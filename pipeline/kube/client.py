@@ -1,4 +1,9 @@
-"""The Kubernetes client and its one retry loop: transient errors retried with backoff, 409s re-read."""
+"""The Kubernetes client and its one retry loop: transient errors retried with backoff, 409s re-read.
+
+Errors by status: 404 :class:`NotFound` and 401/403 :class:`Forbidden` (terminal: a 403 names the verb, resource,
+namespace and identity, and the grant that would allow it), 409 :class:`Conflict` (transient, re-read by the
+operation), 408/429/5xx and connection trouble :class:`TransientError`, anything else :class:`TerminalError`.
+"""
 
 from __future__ import annotations
 
