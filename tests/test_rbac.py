@@ -28,8 +28,10 @@ from pipeline.canary import guarded
 from pipeline.config import CanaryPolicy, Environment, load_config
 from pipeline.errors import Forbidden, TerminalError
 from pipeline.gates import GateResult, GateRow
+from pipeline.jobs import job_manifest
 from pipeline.kube import Backoff, Kube
 from pipeline.rollout import Done, Promote, Wait, decide
+from pipeline.steps.preload import PreloadRequest
 
 ROOT = Path(__file__).resolve().parent.parent
 CONFIG = load_config(ROOT / "examples" / "cluster" / "promotion.yaml")
@@ -205,16 +207,9 @@ def environment(name: str) -> Environment:
     return env.model_copy(update={"canary": CanaryPolicy(consecutive_passes=1, check_interval_s=0.01)})
 
 
-def step_job(name: str, env: Environment) -> Obj:
-    """A step's Job as pipeline.jobs writes it (the part RBAC sees: its namespace and its pods' ServiceAccount)."""
-    assert env.rollout is not None
-    pod = {
-        "restartPolicy": "Never",
-        "serviceAccountName": env.jobs.service_account,
-        "containers": [{"name": "step", "image": env.image, "command": ["python", "-m", "pipeline", "quantize"]}],
-    }
-    meta = {"name": name, "namespace": env.rollout.namespace}
-    return {"apiVersion": "batch/v1", "kind": "Job", "metadata": meta, "spec": {"template": {"spec": pod}}}
+def step_job(artifact: str, name: str, env: Environment) -> Obj:
+    """A step's Job exactly as pipeline.jobs writes it (its namespace, its pods' ServiceAccount)."""
+    return job_manifest(PreloadRequest(artifact_dir=f"/models/artifacts/{artifact}", cache_root="/models"), name, env)
 
 
 def walk_to_the_end(kube: Kube, cluster: FakeCluster, env: Environment) -> list[str]:
@@ -244,13 +239,14 @@ def scenario(kube: Kube, cluster: FakeCluster, repo: git.Repo, name: str) -> Non
     with guarded(kube, name, env, holder=f"rbac-{name}") as hold:
         kube.renew_lease(hold)
         assert kube.lease_holder(name, env.rollout.namespace) is not None
-        cluster.jobs.plan(f"modelctl-evaluate-{name}", JobPlan(exit_code=1, log="Traceback: out of memory\n"))
-        namespace = env.rollout.namespace  # where pipeline.jobs puts a step's Job
+        good, bad = step_job("art-1", name, env), step_job("art-2", name, env)
+        namespace = good["metadata"]["namespace"]
+        cluster.jobs.plan(bad["metadata"]["name"], JobPlan(exit_code=1, log="Traceback: out of memory\n"))
         with cluster.running():
-            done = kube.run_job(namespace, step_job(f"modelctl-quantize-{name}", env), timeout_s=10)
+            done = kube.run_job(namespace, good, timeout_s=10)
             assert done.succeeded and kube.job_logs(namespace, done.name, tail_lines=5)
             with pytest.raises(TerminalError, match="out of memory"):  # a failed Job: its pods' logs are read
-                kube.run_job(namespace, step_job(f"modelctl-evaluate-{name}", env), timeout_s=10)
+                kube.run_job(namespace, bad, timeout_s=10)
         sha = commit_values(repo, f"model:\n  artifactId: art-{name}\n", f"promote {name}", env.values_file)
         kube.request_refresh(env.argocd)
         with cluster.running():
