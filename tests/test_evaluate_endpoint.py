@@ -27,7 +27,7 @@ def test_a_generate_until_task_through_a_local_server_agrees_with_in_process(tin
     suite = parse_suite(GENERATION_SUITE, tmp_path / "gen.yaml")
     # chat completions apply the model's chat template, so the in-process run applies it too
     in_process = evaluate(LocalWeights(tiny_model, chat_template=True), suite, cache_dir=tmp_path / "a")
-    with local_server(tiny_model, log_dir=tmp_path / "logs") as server:
+    with local_server(tiny_model, engine="transformers", log_dir=tmp_path / "logs") as server:
         served = evaluate(Endpoint(server.url, server.model, num_concurrent=2), suite, cache_dir=tmp_path / "b")
         assert served.backend == "local-completions+local-chat-completions"
         assert served.subject == f"endpoint {server.url} model {server.model}"

@@ -1,4 +1,4 @@
-"""The local OpenAI-compatible server (`transformers serve`) on the small model: start, load-test, always stop."""
+"""The fallback serving engine (`transformers serve`) on the small model: start, load-test, always stop."""
 
 from __future__ import annotations
 
@@ -45,7 +45,7 @@ def quantized_model(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) 
 def test_a_short_load_test_completes_against_the_local_server(quantized_model: Path, tmp_path: Path) -> None:
     # bounded by the request count, not the clock: a busy machine makes it slower, never different
     profile = LoadProfile(concurrency=2, duration_s=120, warmup_s=0, max_requests=10, prompt_tokens=16, max_tokens=8)
-    with local_server(quantized_model, log_dir=tmp_path) as server:
+    with local_server(quantized_model, engine="transformers", log_dir=tmp_path) as server:
         assert server.url.startswith("http://127.0.0.1:")
         for api in ("chat", "completions"):
             report = run_load(
@@ -62,7 +62,10 @@ def test_a_short_load_test_completes_against_the_local_server(quantized_model: P
 
 
 def test_a_directory_without_a_model_is_refused_before_starting(tmp_path: Path) -> None:
-    with pytest.raises(TerminalError, match="not a model directory"), local_server(tmp_path, log_dir=tmp_path / "l"):
+    with (
+        pytest.raises(TerminalError, match="not a model directory"),
+        local_server(tmp_path, engine="transformers", log_dir=tmp_path / "l"),
+    ):
         pass
     assert not (tmp_path / "l").exists()  # nothing was started, not even a log
 
@@ -72,7 +75,10 @@ def test_a_server_that_fails_to_start_reports_its_log_tail(tiny_model: Path, tmp
     broken = tmp_path / "broken"
     shutil.copytree(tiny_model, broken)
     (broken / "model.safetensors").write_bytes(b"not safetensors at all")
-    with pytest.raises(TerminalError) as caught, local_server(broken, log_dir=tmp_path / "logs", startup_timeout_s=120):
+    with (
+        pytest.raises(TerminalError) as caught,
+        local_server(broken, engine="transformers", log_dir=tmp_path / "logs", startup_timeout_s=120),
+    ):
         pass
     message = str(caught.value)
     assert "exited with code" in message and "its log ends with:" in message

@@ -8,16 +8,22 @@ the endpoint come from an environment variable and are redacted from every messa
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import httpx
 
 from pipeline.errors import TerminalError, TransientError
 from pipeline.secrets import has_credentials, redact
+from pipeline.serve import LocalServer, local_server
+
+SERVED_BACKEND = "local-completions+local-chat-completions"
 
 
 @dataclass(frozen=True)
@@ -29,6 +35,8 @@ class Endpoint:
     num_concurrent: int = 4
     tokenizer: str | None = None
     api_key_env: str | None = None
+    tokenized_requests: bool = False  # send token ids (vLLM takes them: context lengths then match exactly)
+    subject: str | None = None  # what is evaluated, when known (the served artifact): keys the result cache
 
     @property
     def base(self) -> str:
@@ -129,7 +137,8 @@ def run_endpoint(target: Endpoint, manager: Any, items: list[Any], samples: dict
     runs = []
     if likelihood:
         probe_logprobs(target)
-        args = {"base_url": f"{target.base}/v1/completions", "model": target.model, "tokenized_requests": False}
+        args: dict[str, Any] = {"base_url": f"{target.base}/v1/completions", "model": target.model}
+        args["tokenized_requests"] = target.tokenized_requests
         args |= {"num_concurrent": target.num_concurrent, "tokenizer": target.tokenizer or target.model}
         runs.append(("local-completions", args, likelihood, False))
     if generate:
@@ -158,3 +167,48 @@ def run_endpoint(target: Endpoint, manager: Any, items: list[Any], samples: dict
         for key in results:
             results[key].update(out.get(key, {}) if out else {})
     return results
+
+
+def evaluate_served(
+    model_dir: Path,
+    suite: Any,
+    *,
+    values: dict[str, Any] | None = None,
+    server: LocalServer | None = None,
+    cache_dir: Path | None = None,
+    log_dir: Path | None = None,
+    num_concurrent: int = 4,
+    use_cache: bool = True,
+) -> Any:
+    """Evaluate ``model_dir`` as vLLM serves it (the chart's args for ``values``): the score of the bytes and
+    kernels production runs. Multiple-choice tasks go through prompt logprobs (echo + logprobs).
+
+    The result is cached by the weights (artifact id or hash), the vLLM release and the chart's args, so a repeat
+    starts no server. Pass a running ``server`` (serving ``model_dir``) to reuse it. Returns an EvalReport.
+
+    Raises:
+        TerminalError: vLLM cannot serve the artifact (its reason), or the suite is invalid.
+        TransientError: the server did not come up, or failed mid-evaluation.
+    """
+    from pipeline import vllm
+    from pipeline.evaluate.run import LocalWeights, cache_key, evaluate, subject_of
+    from pipeline.tinymodel import default_cache_dir
+
+    model_dir = Path(model_dir).resolve()
+    values = vllm.load_values() if values is None else values
+    version = vllm.check_runtime()
+    args = hashlib.sha256(json.dumps(vllm.container_args(values)[1:]).encode()).hexdigest()[:12]
+    subject = f"{subject_of(LocalWeights(model_dir))} served by vllm {version} args {args}"
+
+    def endpoint(url: str, model: str) -> Endpoint:
+        return Endpoint(url, model, num_concurrent, str(model_dir), tokenized_requests=True, subject=subject)
+
+    key = cache_key(subject, suite, SERVED_BACKEND)
+    if use_cache and ((cache_dir or default_cache_dir()) / "evaluations" / f"{key}.json").is_file():
+        return evaluate(endpoint("http://127.0.0.1:1", "cached"), suite, cache_dir=cache_dir)
+    if server is not None:
+        return evaluate(endpoint(server.url, server.model), suite, cache_dir=cache_dir, use_cache=use_cache)
+    with local_server(model_dir, engine="vllm", values=values, log_dir=log_dir) as started:
+        report = evaluate(endpoint(started.url, started.model), suite, cache_dir=cache_dir, use_cache=use_cache)
+        started.check_alive()
+        return report

@@ -59,7 +59,7 @@ def subject_of(target: Target) -> str:
     """
     if isinstance(target, Endpoint):
         target.check()
-        return redact(f"endpoint {target.base} model {target.model}", target.secrets())
+        return target.subject or redact(f"endpoint {target.base} model {target.model}", target.secrets())
     path = Path(target.path)
     if not (path / "config.json").is_file():
         raise TerminalError(

@@ -52,6 +52,19 @@ class Stats(BaseModel):
     p99: float | None = None
 
 
+class ServerView(BaseModel):
+    """What vLLM itself measured over the load window (milliseconds), next to the client's figures."""
+
+    source: str
+    requests: int  # TTFT histogram count delta: requests the server answered in the window
+    ttft_ms: Stats
+    itl_ms: Stats
+    queue_waiting_max: float | None = None
+    queue_waiting_mean: float | None = None
+    running_max: float | None = None
+    note: str | None = None
+
+
 class LoadReport(BaseModel):
     """The aggregate of a load test; ``requests`` keeps every measured request (for plots, not for the gate)."""
 
@@ -76,6 +89,8 @@ class LoadReport(BaseModel):
     itl_ms: Stats
     e2e_ms: Stats
     output_tokens: Stats
+    server: ServerView | None = Field(None, description="the server's own view (vLLM /metrics), when scraped")
+    served_by: str | None = Field(None, description="engine and release that served the load, e.g. vllm 0.32.0")
     requests: list[RequestRecord] = Field(default_factory=list, repr=False)
 
     def summary_json(self) -> dict[str, Any]:
