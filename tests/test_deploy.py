@@ -27,6 +27,7 @@ from typing import Any
 
 import httpx
 import pytest
+import yaml
 
 ROOT = Path(__file__).resolve().parent.parent
 DOCKERFILE = ROOT / "Dockerfile"
@@ -300,9 +301,11 @@ def test_promote_local_deployment_runs_through_a_real_worker(
     server = prefect_server
     site = tmp_path / "site"
     site.mkdir()
-    config = (ROOT / "examples" / "local" / "promotion.yaml").read_text(encoding="utf-8")
-    config = config.replace("../../demo-output/", "")  # every path under the test's own folder
-    (site / "promotion.yaml").write_text(config, encoding="utf-8")
+    example = (ROOT / "examples" / "local" / "promotion.yaml").read_text(encoding="utf-8")
+    config = yaml.safe_load(example.replace("../../demo-output/", ""))  # every path under the test's own folder
+    config["model"]["source"] = str(tiny_model)
+    del config["environments"]["local"]["gates"]  # gates have their own tests: this one is the path to the commit
+    (site / "promotion.yaml").write_text(yaml.safe_dump(config), encoding="utf-8")
     remote = init_repo(site / "gitops-remote.git")
 
     _prefect(server, "work-pool", "create", "modelctl-process", "--type", "process", cwd=tmp_path)
