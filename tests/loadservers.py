@@ -46,6 +46,26 @@ class Counters:
     requests: int = 0
     rejected: list[str] = field(default_factory=list)
     authorizations: set[str] = field(default_factory=set)
+    ttft_s: list[float] = field(default_factory=list)  # what the server measured, as vLLM's histogram counts it
+    waiting: int = 0  # requests queued for a slot right now (vllm:num_requests_waiting)
+
+
+BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.5)
+TTFT_METRIC = "vllm:time_to_first_token_seconds"
+
+
+def metrics_text(counters: Counters) -> bytes:
+    """vLLM's metric names in Prometheus text format: the TTFT histogram and the waiting-queue gauge."""
+    lines = [f"# TYPE {TTFT_METRIC} histogram"]
+    for bound in BUCKETS:
+        count = sum(1 for v in counters.ttft_s if v <= bound)
+        lines.append(f'{TTFT_METRIC}_bucket{{le="{bound}",model_name="{MODEL}"}} {count}')
+    lines.append(f'{TTFT_METRIC}_bucket{{le="+Inf",model_name="{MODEL}"}} {len(counters.ttft_s)}')
+    lines.append(f'{TTFT_METRIC}_count{{model_name="{MODEL}"}} {len(counters.ttft_s)}')
+    lines.append(f'{TTFT_METRIC}_sum{{model_name="{MODEL}"}} {sum(counters.ttft_s)}')
+    lines += ["# TYPE vllm:num_requests_waiting gauge", f'vllm:num_requests_waiting{{model_name="{MODEL}"}} '
+              f"{counters.waiting}"]  # fmt: skip
+    return ("\n".join(lines) + "\n").encode()
 
 
 def _chunk(payload: dict[str, object]) -> bytes:
@@ -91,6 +111,10 @@ class Server:
         if path == b"/health":
             writer.write(_plain(200, b'{"status":"ok"}'))
             return True
+        if path == b"/metrics":
+            writer.write(_plain(200, metrics_text(self.counters)))
+            return True
+        started = time.perf_counter()
         self.counters.requests += 1
         b = self.behaviour
         try:
@@ -110,7 +134,9 @@ class Server:
             writer.write(_plain(b.status, b'{"error":"internal error"}'))
             return True
         if self._slots is not None:
+            self.counters.waiting += 1
             async with self._slots:
+                self.counters.waiting -= 1
                 await asyncio.sleep(b.service_time)
         chat = path == b"/v1/chat/completions"
         n = min(int(request.get("max_tokens") or b.tokens), b.tokens)
@@ -127,6 +153,8 @@ class Server:
                 await asyncio.sleep(b.itl)
             choice = {"index": 0, "delta": {"content": f" t{i}"}} if chat else {"index": 0, "text": f" t{i}"}
             writer.write(_chunk({"choices": [choice]}))
+            if i == 0:
+                self.counters.ttft_s.append(time.perf_counter() - started)
             if b.itl or i == 0:
                 await writer.drain()
         end = {"index": 0, "finish_reason": "length", **({"delta": {}} if chat else {"text": ""})}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from contextlib import ExitStack
 from pathlib import Path
 
 import numpy as np
@@ -235,3 +236,30 @@ def test_one_stalled_request_does_not_decide_the_achieved_rate() -> None:
     slow = [RequestRecord(start_s=i / 40, e2e_s=0.05 * (i + 1) - i / 40, output_tokens=8) for i in range(40)]
     report = summarize(Target("http://x", "m"), profile, "test", slow, 2.0)  # one at a time, 50 ms each
     assert report.rate_ratio == pytest.approx(0.5, abs=0.01)
+
+
+def test_the_servers_own_view_is_the_window_between_two_metrics_snapshots() -> None:
+    from pipeline.loadtest.metrics import observe
+
+    # one slot held 20 ms per request, 4 streams: requests queue, and the server's TTFT includes the wait
+    profile = LoadProfile(concurrency=4, duration_s=30, warmup_s=0, max_requests=24, api="completions")
+    with running(Behaviour(tokens=3, slots=1, service_time=0.02, ttft_delay=0.01)) as server:
+        run_load(Target(server.url, MODEL), profile.model_copy(update={"max_requests": 5}), PROMPTS)  # before
+        with observe(server.url, interval_s=0.05) as seen:
+            report = run_load(Target(server.url, MODEL), profile, PROMPTS, timeout_s=5.0)
+    view = seen.view
+    assert view is not None and view.note is None
+    assert view.requests == report.requests_total == 24  # only the window's requests, not the 5 before it
+    assert view.ttft_ms.count == 24 and view.ttft_ms.p50 is not None and view.ttft_ms.p50 >= 10.0
+    assert view.queue_waiting_max is not None and view.queue_waiting_max >= 1  # requests waited for the slot
+
+
+def test_a_server_gone_after_the_window_is_named_in_its_view() -> None:
+    from pipeline.loadtest.metrics import observe
+
+    with ExitStack() as stack:
+        server = stack.enter_context(running(Behaviour()))
+        with observe(server.url, interval_s=0.05) as seen:
+            stack.close()  # the server stops inside the window
+    assert seen.view is not None and seen.view.requests == 0
+    assert "could not be read after the load window" in (seen.view.note or "")

@@ -40,6 +40,9 @@ def loadtest(
         "modelctl"
     ),
     plot: Annotated[Path | None, typer.Option(help="write a PNG of the latency CDFs here")] = None,
+    server_metrics: Annotated[
+        bool, typer.Option("--server-metrics", help="also read vLLM's /metrics around the window (server's view)")
+    ] = False,
     report_file: Annotated[Path | None, typer.Option("--report", help="write the full report (JSON) here")] = None,
     as_json: JsonFlag = False,
 ) -> None:
@@ -47,11 +50,14 @@ def loadtest(
 
     Exits 0 when the SLO passed (or none was given), 2 when it failed or was inconclusive or the input is bad.
     """
+    from contextlib import ExitStack
+
     from pydantic import ValidationError
 
     from pipeline import loadtest as lt
     from pipeline.config import LoadProfile
     from pipeline.errors import TerminalError
+    from pipeline.loadtest.metrics import observe
 
     with errors(as_json):
         try:
@@ -74,17 +80,22 @@ def loadtest(
             report = lt.run_guidellm(target, profile, tokenizer)
         elif engine != "modelctl":
             raise TerminalError(f"--engine must be 'modelctl' or 'guidellm' (got {engine!r})")
-        elif as_json:
-            report = lt.run_load(target, profile, prompt_set, timeout_s=timeout)
         else:
-            with err.status("starting") as status:
+            with ExitStack() as stack:
+                seen = stack.enter_context(observe(endpoint)) if server_metrics else None
+                if as_json:
+                    report = lt.run_load(target, profile, prompt_set, timeout_s=timeout)
+                else:
+                    status = stack.enter_context(err.status("starting"))
 
-                def show(p: lt.Progress) -> None:
-                    phase = "warming up" if p.warming_up else "measuring"
-                    seconds = f"{max(p.elapsed_s, 0):5.1f}/{duration:g} s"
-                    status.update(f"{phase} {seconds}  sent {p.sent}  done {p.done}  failed {p.failed}")
+                    def show(p: lt.Progress) -> None:
+                        phase = "warming up" if p.warming_up else "measuring"
+                        seconds = f"{max(p.elapsed_s, 0):5.1f}/{duration:g} s"
+                        status.update(f"{phase} {seconds}  sent {p.sent}  done {p.done}  failed {p.failed}")
 
-                report = lt.run_load(target, profile, prompt_set, timeout_s=timeout, on_progress=show)
+                    report = lt.run_load(target, profile, prompt_set, timeout_s=timeout, on_progress=show)
+            if seen is not None:
+                report = report.model_copy(update={"server": seen.view})
         result = lt.gate(report, objective) if objective else None
         if plot:
             lt.plot_cdf(report, plot, objective)
@@ -111,7 +122,17 @@ def _print(report: LoadReport) -> None:
                       ("end to end", report.e2e_ms), ("output tokens", report.output_tokens)):  # fmt: skip
         cells = ["-" if v is None else f"{v:.1f}" for v in (st.p50, st.p90, st.p95, st.p99, st.mean)]
         table.add_row(label, *cells, str(st.count))
+    server = report.server
+    if server is not None:  # vLLM's own histograms over the same window
+        for label, st in (("server: time to first token", server.ttft_ms), ("server: inter-token", server.itl_ms)):
+            cells = ["-" if v is None else f"{v:.1f}" for v in (st.p50, st.p90, st.p95, st.p99, st.mean)]
+            table.add_row(label, *cells, str(st.count))
     out.print(table)
+    if server is not None:
+        out.print(
+            f"server: {server.requests} requests in the window; queue (waiting) max {server.queue_waiting_max}, "
+            f"mean {server.queue_waiting_mean}" + (f"; {server.note}" if server.note else "")
+        )
     target = f" of {report.target_rate:g} target ({report.rate_ratio:.0%})" if report.rate_ratio is not None else ""
     errs = ", ".join(f"{k} {v}" for k, v in sorted(report.errors.items())) or "none"
     achieved = "-" if report.achieved_rate is None else f"{report.achieved_rate:.1f}"
