@@ -3,8 +3,13 @@
 Layout: ``<root>/<artifact id>/`` holds the files; ``<root>/<artifact id>/.complete`` is written last and
 records the manifest it was verified against. Each file is copied and hashed in one pass through a
 ``.partial`` file that a later run resumes; a file whose hash does not match the manifest is fetched again.
-A warm preload (marker present, manifest matching, sizes right) reads no file content, so it takes
-milliseconds whatever the artifact's size. Two preloaders of the same artifact (two pods on one RWX volume)
+A warm preload reads no file content, so it takes milliseconds whatever the artifact's size, yet cannot hold
+other bytes silently: the marker records each file's (size, mtime_ns, inode) at verification (the mtime pinned
+into the past, so a write even within the same clock tick changes it), every warm use compares them, and a file
+that changed is hashed again (and fetched again when its bytes differ). ``verify=True`` re-hashes everything.
+Space is reserved per preload (pipeline/volume.py); on a failure other than a broken-off download, the
+``.partial`` files are removed, and a full volume (ENOSPC) is a TerminalError naming the volume and the bytes.
+Two preloaders of the same artifact (two pods on one RWX volume)
 serialize on a lock file: the second waits, then finds the work done.
 
 Sources: a local artifact directory (checked against its ``artifact.json``), or a Hub repo at a pinned sha
@@ -13,11 +18,11 @@ Sources: a local artifact directory (checked against its ``artifact.json``), or 
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import hashlib
 import json
 import os
-import shutil
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -32,6 +37,7 @@ from pipeline.errors import TerminalError, TransientError
 from pipeline.quantize.step import read_artifact
 from pipeline.secrets import redact
 from pipeline.source import MODEL_FILE_PATTERNS, ModelSource, SourceFile, SourcePolicy
+from pipeline.volume import free_bytes, human, reserve
 
 MARKER = ".complete"
 PARTIAL = ".partial"
@@ -126,16 +132,35 @@ def _read_marker(target: Path) -> dict[str, object] | None:
     return data if isinstance(data, dict) else None
 
 
+def _stat(path: Path) -> list[int] | None:
+    """What a warm use compares with the verification: size, mtime_ns, inode (None when the file is gone)."""
+    try:
+        st = path.stat()
+    except OSError:
+        return None
+    return [st.st_size, st.st_mtime_ns, st.st_ino]
+
+
+def _unchanged(target: Path, marker: dict[str, object] | None, f: Expected) -> bool:
+    """True when the file is as it was verified: same size (the manifest's), mtime and inode."""
+    recorded = (marker or {}).get("stat")
+    now = _stat(target / f.name)
+    return isinstance(recorded, dict) and now is not None and now[0] == f.size and recorded.get(f.name) == now
+
+
+def _pin(path: Path, when_ns: int) -> list[int]:
+    """Set a verified file's mtime to ``when_ns`` (before now): any later write moves it. Returns its stat."""
+    os.utime(path, ns=(path.stat().st_atime_ns, when_ns))
+    return _stat(path) or []
+
+
 def is_warm(plan: Plan, root: Path) -> bool:
-    """True when the cache holds the plan's entry complete: marker for the same manifest, every size right."""
+    """True when the cache holds the plan's entry complete: marker for the same manifest, no file changed since."""
     target = root / plan.entry_id
     marker = _read_marker(target)
     if not marker or marker.get("manifest_sha256") != plan.digest():
         return False
-    try:
-        return all((target / f.name).stat().st_size == f.size for f in plan.files)
-    except OSError:
-        return False
+    return all(_unchanged(target, marker, f) for f in plan.files)
 
 
 def _file_matches(path: Path, expected: Expected) -> bool:
@@ -175,28 +200,6 @@ def _fetch(plan: Plan, expected: Expected, dest: Path, on_bytes: Callable[[int],
     return problem
 
 
-def _check_space(plan: Plan, root: Path, target: Path) -> None:
-    """Refuse before writing when the files still to fetch will not fit.
-
-    Raises:
-        TerminalError: not enough free space, with the numbers.
-    """
-    needed = 0
-    for f in plan.files:
-        dest = target / f.name
-        partial = dest.with_name(dest.name + PARTIAL)
-        have = sum(p.stat().st_size for p in (dest, partial) if p.exists())
-        needed += max(0, f.size - have)
-    free = shutil.disk_usage(root).free
-    if needed + SPACE_MARGIN > free:
-        gib = 1 << 30
-        raise TerminalError(
-            f"the cache at {root} has {free / gib:.2f} GiB free but {plan.entry_id} needs {needed / gib:.2f} GiB "
-            f"more (plus {SPACE_MARGIN >> 20} MiB headroom)",
-            hint="free space on the cache volume (remove unused artifacts) or enlarge the PVC",
-        )
-
-
 def _run(plan: Plan, root: Path, verify: bool, progress: Progress | None) -> CacheEntry:
     target = root / plan.entry_id
     if not verify and is_warm(plan, root):
@@ -205,46 +208,72 @@ def _run(plan: Plan, root: Path, verify: bool, progress: Progress | None) -> Cac
     with _lock(root, plan.entry_id):
         if not verify and is_warm(plan, root):  # another preloader finished while we waited
             return _entry(plan, target, skipped=True)
-        _check_space(plan, root, target)
-        started = time.perf_counter()
-        (target / MARKER).unlink(missing_ok=True)  # incomplete from here until it is marked again
-        target.mkdir(parents=True, exist_ok=True)
-        copied, repaired, moved = [], [], 0
+        files = [(f.name, f.size) for f in plan.files]
+        with reserve(root, plan.entry_id, target, files, SPACE_MARGIN) as needed:
+            try:
+                marker = _read_marker(target)
+                same = marker is not None and marker.get("manifest_sha256") == plan.digest()
+                return _fill(plan, target, verify, progress, marker if same else None)
+            except TransientError:
+                raise  # a broken-off download: its .partial files let the next run resume
+            except BaseException as exc:
+                for f in plan.files:
+                    (target / (f.name + PARTIAL)).unlink(missing_ok=True)
+                if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+                    raise TerminalError(
+                        f"the cache volume at {root} ran out of space while preloading {plan.entry_id}: it needed "
+                        f"{human(needed)} more and has {human(free_bytes(root))} free now",
+                        hint="free space on the cache volume (remove unused artifacts) or enlarge the PVC; "
+                        "the partial files were removed",
+                    ) from None
+                raise
 
-        def on_bytes(count: int) -> None:
-            nonlocal moved
-            moved += count
-            if progress:
-                progress(f"preloading {plan.entry_id}", min(1.0, moved / max(plan.total, 1)))
 
-        for f in plan.files:
-            dest = target / f.name
-            dest.parent.mkdir(parents=True, exist_ok=True)
-            if dest.exists():
-                if _file_matches(dest, f):
-                    on_bytes(f.size)
-                    continue
-                repaired.append(f.name)
-                dest.unlink()
-            problem = _fetch(plan, f, dest, on_bytes)
-            if problem is not None:
-                raise TerminalError(
-                    f"{f.name} from {plan.describe} does not match its manifest ({problem}): the source is damaged",
-                    hint="rebuild or re-upload it; nothing was marked complete in the cache",
-                )
-            if f.name not in repaired:
-                copied.append(f.name)
-        for name, content in plan.extra.items():
-            (target / name).write_bytes(content)
-        verified_at = datetime.now(UTC).isoformat(timespec="seconds")
-        marker = {
-            "artifact_id": plan.entry_id,
-            "manifest_sha256": plan.digest(),
-            "verified_at": verified_at,
-            "seconds": round(time.perf_counter() - started, 3),
-        }
-        (target / f"{MARKER}.tmp").write_text(json.dumps(marker, indent=2) + "\n")
-        os.replace(target / f"{MARKER}.tmp", target / MARKER)
+def _fill(
+    plan: Plan, target: Path, verify: bool, progress: Progress | None, marker: dict[str, object] | None
+) -> CacheEntry:
+    """Copy and verify every file not already verified and unchanged (all of them with ``verify``); mark it."""
+    started = time.perf_counter()
+    (target / MARKER).unlink(missing_ok=True)  # incomplete from here until it is marked again
+    target.mkdir(parents=True, exist_ok=True)
+    copied, repaired, moved = [], [], 0
+
+    def on_bytes(count: int) -> None:
+        nonlocal moved
+        moved += count
+        if progress:
+            progress(f"preloading {plan.entry_id}", min(1.0, moved / max(plan.total, 1)))
+
+    for f in plan.files:
+        dest = target / f.name
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        if dest.exists():
+            if (not verify and _unchanged(target, marker, f)) or _file_matches(dest, f):
+                on_bytes(f.size)
+                continue
+            repaired.append(f.name)
+            dest.unlink()
+        problem = _fetch(plan, f, dest, on_bytes)
+        if problem is not None:
+            raise TerminalError(
+                f"{f.name} from {plan.describe} does not match its manifest ({problem}): the source is damaged",
+                hint="rebuild or re-upload it; nothing was marked complete in the cache",
+            )
+        if f.name not in repaired:
+            copied.append(f.name)
+    for name, content in plan.extra.items():
+        (target / name).write_bytes(content)
+    verified_at = datetime.now(UTC).isoformat(timespec="seconds")
+    pinned = (time.time_ns() // 10**9 - 2) * 10**9  # whole seconds, safely before any later write
+    new_marker = {
+        "artifact_id": plan.entry_id,
+        "manifest_sha256": plan.digest(),
+        "verified_at": verified_at,
+        "seconds": round(time.perf_counter() - started, 3),
+        "stat": {f.name: _pin(target / f.name, pinned) for f in plan.files},
+    }
+    (target / f"{MARKER}.tmp").write_text(json.dumps(new_marker, indent=2) + "\n")
+    os.replace(target / f"{MARKER}.tmp", target / MARKER)
     return _entry(plan, target, copied=copied, repaired=repaired, verified_at=verified_at)
 
 

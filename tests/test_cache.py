@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import errno
+import hashlib
+import os
 import shutil
 import threading
 from collections.abc import Callable, Iterator
@@ -9,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from pipeline import cache
+from pipeline import cache, volume
 from pipeline.cache import MARKER, preload, preload_hub
 from pipeline.errors import TerminalError
 from pipeline.quantize import Artifact
@@ -50,7 +53,10 @@ def test_flipped_byte_is_found_by_verify_and_repaired(artifact: Path, tmp_path: 
     data = bytearray(target.read_bytes())
     data[len(data) // 2] ^= 0x01
     target.write_bytes(bytes(data))
-    assert preload(artifact, root).skipped, "a same-size flip is invisible to the fast warm check"
+    entry = preload(artifact, root)  # the cheap per-file check on every warm use sees the write
+    assert not entry.skipped and entry.repaired == ["model.safetensors"]
+    assert target.read_bytes() == (artifact / "model.safetensors").read_bytes()
+    target.write_bytes(bytes(data))
     entry = preload(artifact, root, verify=True)
     assert entry.repaired == ["model.safetensors"]
     assert target.read_bytes() == (artifact / "model.safetensors").read_bytes()
@@ -128,10 +134,10 @@ def test_not_enough_space_is_refused_before_writing(
     artifact: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     root = tmp_path / "cache"
-    monkeypatch.setattr(cache.shutil, "disk_usage", lambda _: shutil._ntuple_diskusage(10**9, 10**9 - 1000, 1000))  # type: ignore[attr-defined]
-    with pytest.raises(TerminalError, match=r"has 0\.00 GiB free but .* needs") as info:
+    monkeypatch.setattr(volume, "free_bytes", lambda _: 1000)
+    with pytest.raises(TerminalError, match=r"has 1000 B free, but .* needs [0-9.]+ [KM]iB more") as info:
         preload(artifact, root)
-    assert "enlarge the PVC" in str(info.value)
+    assert "enlarge the PVC" in str(info.value) and "0.00 GiB" not in str(info.value)
     assert not (root / artifact.name).exists()
 
 
@@ -185,3 +191,80 @@ def test_corrupted_hub_download_is_refused(fake_hub: FakeHub, tmp_path: Path) ->
     fake_hub.repos["org/quantized-awq"].served = {"config.json": b'{"hidden_size": 257}'}
     with pytest.raises(TerminalError, match="git blob"):  # a non-LFS file is checked by its git blob id
         preload_hub(source, tmp_path / "other-cache")
+
+
+def local_plan(folder: Path, files: dict[str, bytes], entry_id: str = "entry-1", **kw: object) -> cache.Plan:
+    """A preload plan over files written into ``folder`` (fast: no model needed)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, data in files.items():
+        (folder / name).write_bytes(data)
+    expected = [cache.Expected(n, len(d), sha256=hashlib.sha256(d).hexdigest()) for n, d in files.items()]
+    read = kw.pop("read", None) or cache._local_reader(folder)
+    return cache.Plan(entry_id=entry_id, files=expected, read=read, describe=str(folder))  # type: ignore[arg-type]
+
+
+def test_a_flipped_byte_in_a_warm_entry_is_noticed_on_the_next_use_and_fetched_again(tmp_path: Path) -> None:
+    plan = local_plan(tmp_path / "src", {"model.safetensors": WEIGHTS, "config.json": b"{}"})
+    root = tmp_path / "cache"
+    assert not cache.preload_plan(plan, root).skipped
+    assert cache.preload_plan(plan, root).skipped, "an untouched entry is a warm skip"
+    cached = root / "entry-1" / "model.safetensors"
+    with open(cached, "r+b") as handle:  # one flipped byte, the size kept, right after verification
+        handle.seek(len(WEIGHTS) // 2)
+        handle.write(bytes([WEIGHTS[len(WEIGHTS) // 2] ^ 0x01]))
+
+    entry = cache.preload_plan(plan, root)
+
+    assert not entry.skipped and entry.repaired == ["model.safetensors"]
+    assert cached.read_bytes() == WEIGHTS
+    assert cache.preload_plan(plan, root).skipped
+    os.utime(root / "entry-1" / "config.json")  # touched, bytes intact: hashed again, not fetched again
+    touched = cache.preload_plan(plan, root)
+    assert not touched.skipped and touched.repaired == [] and touched.copied == []
+    assert cache.preload_plan(plan, root).skipped
+
+
+def test_two_preloads_racing_for_space_cannot_both_pass_the_check(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(cache, "SPACE_MARGIN", 0)
+    monkeypatch.setattr(volume, "free_bytes", lambda _: int(len(WEIGHTS) * 1.5))  # room for one, not two
+    root, started, go = tmp_path / "cache", threading.Event(), threading.Event()
+    first_reader = cache._local_reader(tmp_path / "a")
+
+    def slow_read(name: str, offset: int) -> Iterator[bytes]:
+        started.set()
+        go.wait(60)
+        yield from first_reader(name, offset)
+
+    first = local_plan(tmp_path / "a", {"w.bin": WEIGHTS}, "entry-a", read=slow_read)
+    second = local_plan(tmp_path / "b", {"w.bin": WEIGHTS[::-1]}, "entry-b")
+    results: list[object] = []
+    runner = threading.Thread(target=lambda: results.append(cache.preload_plan(first, root)))
+    runner.start()
+    try:
+        assert started.wait(60), "the first preload never started"
+        with pytest.raises(TerminalError) as info:
+            cache.preload_plan(second, root)
+    finally:
+        go.set()
+        runner.join()
+    assert "entry-a still writing 1 MiB" in info.value.what and "needs 1 MiB more" in info.value.what
+    assert not (root / "entry-b").exists() or not any((root / "entry-b").iterdir())
+    assert not isinstance(results[0], Exception) and (root / "entry-a" / "w.bin").read_bytes() == WEIGHTS
+    assert not cache.preload_plan(second, root).skipped, "once the first finished, the second fits"
+
+
+def test_a_full_volume_is_a_clear_terminal_error_and_leaves_no_partial_file(tmp_path: Path) -> None:
+    def full(name: str, offset: int) -> Iterator[bytes]:
+        yield WEIGHTS[:4096]
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    plan = local_plan(tmp_path / "src", {"model.safetensors": WEIGHTS}, read=full)
+    root = tmp_path / "cache"
+    with pytest.raises(TerminalError) as info:
+        cache.preload_plan(plan, root)
+    assert f"the cache volume at {root} ran out of space while preloading entry-1" in info.value.what
+    assert "needed 1 MiB more" in info.value.what and "partial files were removed" in (info.value.hint or "")
+    assert not list((root / "entry-1").glob("*.partial")) and not (root / "entry-1" / MARKER).exists()
+    assert not list((root / ".reservations").glob("*.json")), "the reservation went with the preload"

@@ -69,3 +69,26 @@ def test_console_script_is_installed() -> None:
     module = subprocess.run([sys.executable, "-m", "pipeline", "version", "--json"], capture_output=True, text=True)
     assert module.returncode == 0, module.stderr
     assert json.loads(module.stdout)["torch"].startswith("2.13.0")
+
+
+def test_config_check_resolves_suites_and_values_files_before_any_work(tmp_path: Path) -> None:
+    from pipeline.gitops import init_repo
+
+    init_repo(tmp_path / "remote.git")
+    good = (
+        "version: 1\ngitops: {url: ./remote.git}\nenvironments:\n  prod:\n    values_file: envs/prod/values.yaml\n"
+        "    cache: {root: ./c}\n    gates: {eval: {suite: smoke}}\n"
+    )
+    config = tmp_path / "promotion.yaml"
+    config.write_text(good)
+    ok = runner.invoke(app, ["config", "check", str(config), "--json"])
+    assert ok.exit_code == 0, ok.output
+    assert json.loads(ok.stdout)["suites"]["prod"].endswith("smoke.yaml")
+
+    config.write_text(good.replace("suite: smoke", "suite: smoek").replace("envs/prod/", "envs/prd/"))
+    bad = runner.invoke(app, ["config", "check", str(config), "--json"])
+    assert bad.exit_code == 2
+    problems = json.loads(bad.stdout)["problems"]
+    assert any("environments.prod.gates.eval.suite: 'smoek'" in p and "known:" in p for p in problems), problems
+    assert any("envs/prd/values.yaml does not exist on main of" in p for p in problems), problems
+    assert not (tmp_path / "c").exists(), "nothing was written"

@@ -203,3 +203,26 @@ def test_permission_denied(tmp_path: Path) -> None:
     path.chmod(0)
     [problem] = problems_of(path)
     assert "Permission denied" in problem
+
+
+def test_a_bare_model_source_is_never_silently_taken_for_the_hub(tmp_path: Path) -> None:
+    text = MINIMAL + "model:\n  source: tiny\n"
+    (problem,) = problems_of(write(tmp_path, text))
+    assert "model.source" in problem and "'tiny' is neither a local directory" in problem
+    assert "write ./tiny" in problem and "org/name" in problem
+    (tmp_path / "tiny").mkdir()  # a directory of that name beside the file: that is what it means
+    assert load_config(write(tmp_path, text)).model.source == str((tmp_path / "tiny").resolve())
+    hub = load_config(write(tmp_path, MINIMAL + "model:\n  source: org/name@main\n"))
+    assert hub.model.source == "org/name@main"
+    (tmp_path / "org" / "name").mkdir(parents=True)
+    (ambiguous,) = problems_of(write(tmp_path, MINIMAL + "model:\n  source: org/name\n"))
+    assert "'org/name' is ambiguous" in ambiguous and "./org/name" in ambiguous
+
+
+def test_a_bare_relative_gitops_url_is_reported_not_reinterpreted(tmp_path: Path) -> None:
+    (problem,) = problems_of(write(tmp_path, MINIMAL.replace("url: ./gitops.git", "url: remote.git")))
+    assert "gitops.url" in problem and "'remote.git' is neither a URL" in problem and "./remote.git" in problem
+    (tmp_path / "remote.git").mkdir()  # it exists beside the file: a local repository, as git would read it
+    cfg = load_config(write(tmp_path, MINIMAL.replace("url: ./gitops.git", "url: remote.git")))
+    assert cfg.gitops.url == str((tmp_path / "remote.git").resolve())
+    assert load_config(write(tmp_path, MINIMAL.replace("./gitops.git", "https://git.example.com/g.git"))).gitops.url

@@ -100,7 +100,9 @@ def test_an_unknown_suite_name_lists_the_known_ones() -> None:
 def test_the_small_model_passes_the_smoke_gate_against_its_own_baseline(tiny_report: EvalReport, smoke: Suite) -> None:
     assert tiny_report.metric("facts_mc", "acc,none").value >= 0.95  # type: ignore[union-attr]
     generation = tiny_report.metric("facts_gen", "exact_match,strip")
-    assert generation is not None and generation.value >= 0.95 and generation.n == 120 and generation.stderr
+    # a score (and so its stderr: 0 at a perfect score) varies between builds: assert the verdict, not the numbers
+    assert generation is not None and generation.value >= 0.95 and generation.n == 120
+    assert generation.stderr is not None
     assert tiny_report.lm_eval_version == "0.4.13" and tiny_report.subject.startswith("weights sha256:")
     against_itself = eval_gate(tiny_report, tiny_report, smoke)
     assert against_itself.passed, against_itself.summary()
@@ -278,7 +280,8 @@ def test_cli_prints_the_table_and_gate_and_writes_a_reusable_report(
     monkeypatch.setenv("COLUMNS", "200")
     result = runner.invoke(app, ["evaluate", str(tiny_model), "--suite", "smoke", "--output", str(tmp_path / "r.json")])
     assert result.exit_code == 0, result.output
-    assert "facts_mc" in result.output and "exact_match,strip" in result.output and "0.9917" in result.output
+    score = tiny_report.metric("facts_mc", "acc,none").value  # type: ignore[union-attr]
+    assert "facts_mc" in result.output and "exact_match,strip" in result.output and f"{score:.4f}" in result.output
     assert "eval gate: PASS" in result.output and "from the cache" in result.output
     args = ["evaluate", str(tiny_model), "--baseline", str(tmp_path / "r.json"), "--json"]
     data = json.loads(runner.invoke(app, args).stdout)

@@ -3,15 +3,12 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated
+from typing import Annotated
 
 import typer
 from rich.table import Table
 
 from pipeline.cli.render import JsonFlag, emit_json, errors, out
-
-if TYPE_CHECKING:
-    from pipeline.config import PromotionConfig
 
 config_app = typer.Typer(help="Validate promotion.yaml.", no_args_is_help=True)
 
@@ -25,12 +22,13 @@ def config_check(
     file: Annotated[Path, typer.Argument(help="promotion.yaml to validate")],
     as_json: JsonFlag = False,
 ) -> None:
-    """Validate a promotion.yaml and print the resolved configuration, or every error in it."""
+    """Validate a promotion.yaml, the suites and values files it names, and print the resolved configuration."""
     from pipeline.config import load_config
+    from pipeline.preflight import check
 
     with errors(as_json):
         cfg = load_config(file)
-        suites = _eval_suites(cfg)
+        suites = check(cfg, str(file))  # suites by name, values files in the GitOps repo (when readable offline)
     resolved = cfg.model_dump(mode="json")
     if as_json:
         emit_json({"ok": True, "file": str(file), "order": cfg.promotion_order(), "config": resolved, "suites": suites})
@@ -62,15 +60,3 @@ def config_check(
     yaml = YAML()
     yaml.default_flow_style = False
     yaml.dump(resolved, out.file)
-
-
-def _eval_suites(cfg: PromotionConfig) -> dict[str, str]:
-    """Each environment's eval suite, read and validated, by its file: a missing or broken suite fails the check.
-
-    Raises:
-        ConfigError: a suite is missing or invalid (every problem named).
-    """
-    from pipeline.evaluate.suite import load_suite
-
-    gates = {name: env.gates.eval for name, env in cfg.environments.items()}
-    return {name: load_suite(gate.suite).path for name, gate in gates.items() if gate is not None}

@@ -71,8 +71,8 @@ def subject_of(target: Target) -> str:
         data = json.loads(manifest.read_text(encoding="utf-8"))
         if data.get("id"):  # keyed by the bytes too: a rebuild under the same id never reuses a score
             listing = sorted([f["name"], f["size"], f["sha256"]] for f in data.get("files", []))
-            digest = hashlib.sha256(json.dumps(listing, separators=(",", ":")).encode()).hexdigest()
-            return f"artifact {data['id']} manifest sha256:{digest}"
+            bytes_id = hashlib.sha256(json.dumps(listing, separators=(",", ":")).encode()).hexdigest()
+            return f"artifact {data['id']} manifest sha256:{bytes_id}"
     digest = hashlib.sha256()
     for file in sorted(p for p in path.rglob("*") if p.is_file()):
         digest.update(str(file.relative_to(path)).encode() + b"\0")

@@ -10,6 +10,7 @@ process (a public method may call another).
 from __future__ import annotations
 
 import fcntl
+import hashlib
 import os
 import shutil
 import threading
@@ -115,3 +116,9 @@ def clone_into(url: str, workdir: Path, branch: str, env: dict[str, str], token_
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return Repo(workdir)
+
+
+def default_workdir(url: str, branch: str) -> Path:
+    """Where the pipeline keeps its clone of a GitOps repo: ``$MODELCTL_CACHE/gitops/<hash of url and branch>``."""
+    root = Path(os.environ.get("MODELCTL_CACHE") or Path.home() / ".cache" / "modelctl")
+    return root / "gitops" / hashlib.sha256(f"{url}#{branch}".encode()).hexdigest()[:16]

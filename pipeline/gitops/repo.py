@@ -9,9 +9,7 @@ from __future__ import annotations
 
 import difflib
 import functools
-import hashlib
 import logging
-import os
 import random
 import time
 from collections.abc import Callable
@@ -24,7 +22,7 @@ from ruamel.yaml.error import YAMLError
 
 from pipeline.config import GitOpsRepo
 from pipeline.errors import PipelineError, TerminalError, TransientError
-from pipeline.gitops.clone import CloneLock, clone_into
+from pipeline.gitops.clone import CloneLock, clone_into, default_workdir
 from pipeline.gitops.commits import (
     CHART,
     LOG_FORMAT,
@@ -462,9 +460,3 @@ class GitOps:
         except PipelineError:
             raise TerminalError(f"no record {name} in {self.remote}", hint="check the promotion id") from None
         return PromotionRecord.from_json(text, where=name)
-
-
-def default_workdir(url: str, branch: str) -> Path:
-    """Where the pipeline keeps its clone of a GitOps repo: ``$MODELCTL_CACHE/gitops/<hash of url and branch>``."""
-    root = Path(os.environ.get("MODELCTL_CACHE") or Path.home() / ".cache" / "modelctl")
-    return root / "gitops" / hashlib.sha256(f"{url}#{branch}".encode()).hexdigest()[:16]
