@@ -222,7 +222,7 @@ def plot_capacity(report: CapacityReport, path: Path, slo: Slo | None = None) ->
         ax.set(title=f"{pct} {metric.upper()} against offered rate", xlabel="offered rate (req/s)", ylabel="ms")
         ax.grid(alpha=0.3, which="both")
         ax.legend(loc="upper left", fontsize=8)
-    fig.suptitle("capacity sweep: o within the SLO, x beyond; dotted: median goodput", fontsize=9)
+    fig.suptitle("capacity sweep: o the SLO held, x it failed (any check); dotted: median goodput", fontsize=9)
     fig.tight_layout()
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=100)
