@@ -79,7 +79,8 @@ def test_promote_gates_commits_and_records(prefect_harness: None, tiny_model: Pa
     assert record["decision"] == "promoted"
     assert record["eval_gate"]["rows"] and all(r["verdict"] == "pass" for r in record["eval_gate"]["rows"])
     assert record["load_report"]["successes"] >= 5 and record["load_gate"]["rows"]
-    assert set(record["timings"]) >= {"resolve", "quantize", "preload", "evaluate", "loadtest", "commit"}
+    assert set(record["timings"]) >= {"resolve", "quantize", "publish", "preload", "evaluate", "loadtest", "commit"}
+    assert record["artifact"]["manifest_digest"].startswith("sha256:"), "the record names the bytes it evaluated"
     artifact = record["artifact"]["id"]
     assert history(site) == [f"promote:{artifact}"]
     cache = Path((site / "cache-root").read_text())
@@ -146,21 +147,22 @@ def test_a_crash_after_the_commit_converges_on_rerun(
     prefect_harness: None, tiny_model: Path, site: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     import flows.promote as module
+    import flows.steps as hooks
     from pipeline.record import new_promotion_id
 
     pid = new_promotion_id()
-    real_publish = module.publish
+    real_publish = hooks.publish
 
     def crash(*args: object, **kwargs: object) -> None:
         raise KeyboardInterrupt("the process died right after its commit")
 
-    monkeypatch.setattr(module, "publish", crash)
+    monkeypatch.setattr(hooks, "publish", crash)
     with pytest.raises(KeyboardInterrupt):
         module.promote(
             str(tiny_model), "local", config=str(site / "promotion.yaml"), promotion_id=pid, workdir=str(site / "work")
         )
     assert len(history(site)) == 1, "the commit landed before the crash"
-    monkeypatch.setattr(module, "publish", real_publish)
+    monkeypatch.setattr(hooks, "publish", real_publish)
     record = module.promote(
         str(tiny_model), "local", config=str(site / "promotion.yaml"), promotion_id=pid, workdir=str(site / "work")
     )
