@@ -18,8 +18,10 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -67,6 +69,12 @@ class LocalServer:
         """
         code = self.exit_code()
         if code is not None:
+            if self.pid > 0:  # what it leaves behind (its engine core, workers) goes now, not at the block's end
+                with contextlib.suppress(ProcessLookupError, PermissionError):
+                    os.killpg(self.pid, signal.SIGKILL)
+                deadline = time.monotonic() + 10.0
+                while processes.group_alive(self.pid) and time.monotonic() < deadline:
+                    time.sleep(0.05)
             raise TransientError(
                 f"the {self.engine} server (pid {self.pid}) died with exit code {code} while it was being measured; "
                 f"its log ends with:\n{log_tail(self.log_path)}",

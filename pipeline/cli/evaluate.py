@@ -41,6 +41,12 @@ def evaluate(
         False
     ),
     no_cache: Annotated[bool, typer.Option("--no-cache", help="evaluate again even if a result is cached")] = False,
+    served: Annotated[
+        bool, typer.Option("--served", help="serve ARTIFACT with vLLM (the chart's args) and evaluate through it")
+    ] = False,
+    values: Annotated[
+        Path | None, typer.Option(help="with --served: the environment's chart values file (default: local)")
+    ] = None,
     report_only: Annotated[
         bool, typer.Option("--report-only", help="exit 0 whatever the gate says (a pipeline Job: the flow judges)")
     ] = False,
@@ -68,10 +74,18 @@ def evaluate(
             if backend not in ("hf", "vllm"):
                 raise TerminalError(f"--backend must be 'hf' or 'vllm' (got {backend!r})")
             target = ev.LocalWeights(Path(artifact or "."), backend, device)  # type: ignore[arg-type]
+        if served and artifact is None:
+            raise TerminalError("--served needs ARTIFACT (the model directory vLLM should serve)")
         chosen = ev.load_suite(suite)
         incumbent = ev.load_baseline(baseline) if baseline else None
-        with progress(not as_json) as update:
-            report = ev.evaluate(target, chosen, use_cache=not no_cache, offline=not online, progress=update)
+        if served:
+            from pipeline.evaluate.endpoint import evaluate_served
+            from pipeline.vllm import load_values
+
+            report = evaluate_served(Path(artifact or "."), chosen, values=load_values(values), use_cache=not no_cache)
+        else:
+            with progress(not as_json) as update:
+                report = ev.evaluate(target, chosen, use_cache=not no_cache, offline=not online, progress=update)
         result = ev.eval_gate(report, incumbent, chosen)
         if output:
             output.parent.mkdir(parents=True, exist_ok=True)
