@@ -137,9 +137,42 @@ def _check_safety(name: str, files: list[SourceFile], config: dict[str, Any] | N
         )
 
 
+def check_safetensors(path: Path) -> None:
+    """Refuse an empty or truncated ``.safetensors`` file by name, before any library reads it.
+
+    The format is an 8-byte little-endian header length, a JSON header naming each tensor's byte range, then
+    the data: the file must hold the whole header and every range.
+
+    Raises:
+        TerminalError: the file is empty, cut short, or its header is not readable.
+    """
+    size = path.stat().st_size
+    hint = "the file was cut short (a full disk, an interrupted copy?): rebuild the model or download it again"
+    with open(path, "rb") as handle:
+        head = handle.read(8)
+        length = int.from_bytes(head, "little") if len(head) == 8 else -1
+        if size == 0 or length < 0:
+            raise TerminalError(f"{path} is empty or truncated ({size} bytes): no safetensors header", hint=hint)
+        if 8 + length > size:
+            raise TerminalError(
+                f"{path} is truncated: its header needs {8 + length} bytes, the file has {size}", hint=hint
+            )
+        try:
+            header = json.loads(handle.read(length))
+            end = max((int(t["data_offsets"][1]) for k, t in header.items() if k != "__metadata__"), default=0)
+        except (ValueError, KeyError, TypeError, IndexError, AttributeError):
+            raise TerminalError(f"{path} is damaged: its safetensors header is not readable", hint=hint) from None
+    if 8 + length + end > size:
+        raise TerminalError(
+            f"{path} is truncated: its tensors need {8 + length + end} bytes, the file has {size}", hint=hint
+        )
+
+
 def _resolve_local(path: Path, policy: SourcePolicy) -> ModelSource:
     if not path.is_dir():
         raise TerminalError(f"model directory {path} does not exist", hint="check the path")
+    for weights in sorted(path.rglob("*.safetensors")):
+        check_safetensors(weights)
     files = [
         SourceFile(name=str(p.relative_to(path)), size=p.stat().st_size, sha256=file_sha256(p))
         for p in sorted(path.rglob("*"))

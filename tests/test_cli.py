@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -92,3 +93,52 @@ def test_config_check_resolves_suites_and_values_files_before_any_work(tmp_path:
     assert any("environments.prod.gates.eval.suite: 'smoek'" in p and "known:" in p for p in problems), problems
     assert any("envs/prd/values.yaml does not exist on main of" in p for p in problems), problems
     assert not (tmp_path / "c").exists(), "nothing was written"
+
+
+# A tiny app built like `modelctl` whose commands raise what libraries raise; run as a real process.
+FAULTS = """
+import errno, sys
+from pipeline.cli.render import DebugFlag, ModelctlApp, set_debug
+from pipeline.record import PromotionRecord
+app = ModelctlApp(pretty_exceptions_enable=False, add_completion=False)
+@app.callback()
+def _options(debug: DebugFlag = False) -> None:
+    set_debug(debug)
+@app.command()
+def fault(kind: str) -> None:
+    if kind == "bad-id":
+        PromotionRecord(id="BAD!id", env="prod")
+    if kind == "enospc":
+        raise OSError(errno.ENOSPC, "No space left on device", "/cache/model.safetensors.partial")
+    if kind == "denied":
+        raise PermissionError(errno.EACCES, "Permission denied", "/cache/leases/prod.json")
+    if kind == "reset":
+        raise ConnectionResetError("connection reset by peer")
+    raise RuntimeError("a bug")
+app()
+"""
+
+
+def run_fault(*args: str) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    env.pop("MODELCTL_DEBUG", None)
+    return subprocess.run([sys.executable, "-c", FAULTS, *args], capture_output=True, text=True, env=env, check=False)
+
+
+def test_every_error_class_gets_one_clear_line_and_its_exit_code_without_a_traceback() -> None:
+    bad_id = run_fault("fault", "bad-id")
+    assert bad_id.returncode == 2 and "error: invalid input: id: String should match pattern" in bad_id.stderr
+    full = run_fault("fault", "enospc")
+    assert full.returncode == 2 and "no space left on the device writing /cache/model.safetensors" in full.stderr
+    denied = run_fault("fault", "denied")
+    assert denied.returncode == 2, "a permission error is not transient"
+    assert "permission denied: /cache/leases/prod.json" in denied.stderr
+    reset = run_fault("fault", "reset")
+    assert reset.returncode == 75 and "connection reset by peer" in reset.stderr
+    bug = run_fault("fault", "bug")
+    assert bug.returncode == 1 and "unexpected RuntimeError: a bug" in bug.stderr and "--debug" in bug.stderr
+    for result in (bad_id, full, denied, reset, bug):
+        assert "Traceback" not in result.stderr + result.stdout
+        assert len(result.stderr.strip().splitlines()) <= 3, result.stderr
+    loud = run_fault("--debug", "fault", "bug")
+    assert loud.returncode == 1 and "Traceback" in loud.stderr and "RuntimeError: a bug" in loud.stderr

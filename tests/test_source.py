@@ -43,6 +43,25 @@ def test_local_directory_is_pinned_by_content(tiny_model: Path, tmp_path: Path) 
     assert resolve(str(copy)).sha != source.sha
 
 
+def test_an_empty_or_truncated_safetensors_file_is_refused_by_name(tiny_model: Path, tmp_path: Path) -> None:
+    copy = tmp_path / "tiny"
+    shutil.copytree(tiny_model, copy)
+    weights = copy / "model.safetensors"
+    data = weights.read_bytes()
+    weights.write_bytes(data[: len(data) - 100])  # cut short: the header is whole, the last tensor is not
+    with pytest.raises(TerminalError) as truncated:
+        resolve(str(copy))
+    assert f"{weights} is truncated: its tensors need {len(data)} bytes" in truncated.value.what
+    weights.write_bytes(b"")
+    with pytest.raises(TerminalError, match=rf"{weights} is empty or truncated \(0 bytes\)"):
+        resolve(str(copy))
+    weights.write_bytes(data[:20])
+    with pytest.raises(TerminalError, match="is truncated: its header needs"):
+        resolve(str(copy))
+    weights.write_bytes(data)
+    assert resolve(str(copy)).sha == resolve(str(tiny_model)).sha, "the whole file passes"
+
+
 def test_local_refusals(tmp_path: Path) -> None:
     model = tmp_path / "pickled"
     model.mkdir()

@@ -9,17 +9,22 @@ from __future__ import annotations
 
 from importlib import import_module
 
-import typer
+from pipeline.cli.render import DebugFlag, JsonFlag, ModelctlApp, emit_json, out, set_debug
 
-from pipeline.cli.render import JsonFlag, emit_json, out
-
-app = typer.Typer(
+app = ModelctlApp(
     name="modelctl",
     help="Promote LLM revisions to production with GitOps: quantize, preload, gate, commit, canary, revert.",
     no_args_is_help=True,
     pretty_exceptions_enable=False,
     add_completion=False,
 )
+
+
+@app.callback()
+def _options(debug: DebugFlag = False) -> None:
+    """Promote LLM revisions to production with GitOps: quantize, preload, gate, commit, canary, revert."""
+    set_debug(debug)
+
 
 # Command areas, in the order `modelctl --help` lists them. Add a module here to add its commands.
 # The commands that run Prefect flows (promote, rollback, approve) are added by flows/cli.py, which composes

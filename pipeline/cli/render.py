@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import sys
@@ -10,10 +11,12 @@ from contextlib import contextmanager, redirect_stdout
 from typing import Annotated, Any
 
 import typer
+from pydantic import ValidationError
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.text import Text
 
-from pipeline.errors import PipelineError, TransientError
+from pipeline.errors import PipelineError, TerminalError, TransientError, first_problem
 
 out = Console(soft_wrap=True)
 err = Console(stderr=True)
@@ -27,25 +30,83 @@ def emit_json(data: Any) -> None:
     sys.stdout.write(json.dumps(data, indent=indent, default=str) + "\n")
 
 
+def debug() -> bool:
+    """True with ``modelctl --debug`` (or MODELCTL_DEBUG=1): unexpected errors keep their traceback."""
+    return os.environ.get("MODELCTL_DEBUG") == "1"
+
+
+def as_pipeline_error(exc: BaseException) -> PipelineError | None:
+    """A library's exception as the pipeline error it means for the user, or None for a bug.
+
+    Invalid input (pydantic) and what the machine refuses for good (a full disk, a denied permission, a
+    damaged safetensors file) are terminal; a dropped connection or a timeout may pass on retry.
+    """
+    if isinstance(exc, PipelineError):
+        return exc
+    if isinstance(exc, ValidationError):
+        return TerminalError(f"invalid input: {first_problem(exc)}", hint="correct the value and run again")
+    if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        where = f" writing {exc.filename}" if exc.filename else ""
+        return TerminalError(
+            f"no space left on the device{where}", hint="free space on that volume (or point the cache elsewhere)"
+        )
+    if isinstance(exc, PermissionError):
+        return TerminalError(
+            f"permission denied: {exc.filename or exc.strerror}",
+            hint="give this user access to that path, or point modelctl at one it may use",
+        )
+    if isinstance(exc, (ConnectionError, TimeoutError)):
+        return TransientError(f"{type(exc).__name__}: {exc}", hint="check the network or the service, then retry")
+    if type(exc).__name__ == "SafetensorError":
+        return TerminalError(
+            f"a .safetensors file cannot be read: {exc}",
+            hint="the file is empty, truncated or damaged; rebuild or download it again",
+        )
+    return None
+
+
+def report(exc: BaseException, as_json: bool) -> int:
+    """Print ``exc`` for a person (or as the command's JSON) and return the exit code: 2, 75, or 1 for a bug."""
+    mapped = as_pipeline_error(exc)
+    if mapped is None:
+        what = f"unexpected {type(exc).__name__}: {exc}"
+        hint = "run again with --debug for the traceback, and report it if it is not your input"
+        if as_json:
+            emit_json({"ok": False, "error": "bug", "message": what, "problems": None, "hint": hint})
+        else:
+            _say(what, hint)
+        return 1
+    code = 75 if isinstance(mapped, TransientError) else 2
+    if as_json:
+        kind = "transient" if code == 75 else "terminal"
+        problems = getattr(mapped, "problems", None)
+        emit_json({"ok": False, "error": kind, "message": mapped.what, "problems": problems, "hint": mapped.hint})
+    else:
+        _say(mapped.what, mapped.hint)
+    return code
+
+
+def _say(what: str, hint: str | None) -> None:
+    """``error: ...`` and ``fix: ...`` on stderr; the texts are printed as they are (no markup read in them)."""
+    err.print(Text.assemble(("error: ", "bold red"), what), highlight=False, soft_wrap=True)
+    if hint:
+        err.print(Text.assemble(("fix: ", "bold"), hint), highlight=False, soft_wrap=True)
+
+
 @contextmanager
 def errors(as_json: bool) -> Iterator[None]:
-    """Turn pipeline errors into a clear message and an exit code; anything else is a bug and stays loud.
+    """Turn errors into a clear message and an exit code, never a traceback (unless ``--debug``).
 
-    TerminalError exits 2 (fix the input), TransientError exits 75 (try again).
+    TerminalError and what the user must change exit 2, TransientError and what may pass on retry 75, a bug 1.
     """
     try:
         yield
-    except PipelineError as exc:
-        code = 75 if isinstance(exc, TransientError) else 2
-        if as_json:
-            kind = "transient" if isinstance(exc, TransientError) else "terminal"
-            problems = getattr(exc, "problems", None)
-            emit_json({"ok": False, "error": kind, "message": exc.what, "problems": problems, "hint": exc.hint})
-        else:
-            err.print(f"[bold red]error:[/] {exc.what}", highlight=False, markup=True, soft_wrap=True)
-            if exc.hint:
-                err.print(f"[bold]fix:[/] {exc.hint}", highlight=False, soft_wrap=True)
-        raise typer.Exit(code) from None
+    except (typer.Exit, typer.Abort, KeyboardInterrupt, SystemExit):
+        raise
+    except Exception as exc:
+        if debug() and as_pipeline_error(exc) is None:
+            raise
+        raise typer.Exit(report(exc, as_json)) from None
 
 
 @contextmanager
@@ -67,3 +128,25 @@ def progress(enabled: bool) -> Iterator[Callable[[str, float], None] | None]:
             bar.update(task, description=message, completed=fraction)
 
         yield update
+
+
+class ModelctlApp(typer.Typer):
+    """The `modelctl` app: an error that escapes a command's own handling still gets one clear line and its exit
+    code (2 fix the input, 75 retry, 1 a bug), never a traceback unless ``--debug``."""
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return super().__call__(*args, **kwargs)
+        except Exception as exc:
+            if debug() and as_pipeline_error(exc) is None:
+                raise
+            sys.exit(report(exc, "--json" in sys.argv))
+
+
+DebugFlag = Annotated[bool, typer.Option("--debug", help="Show the traceback of an unexpected error.")]
+
+
+def set_debug(enabled: bool) -> None:
+    """Turn on tracebacks for this run (``modelctl --debug ...``)."""
+    if enabled:
+        os.environ["MODELCTL_DEBUG"] = "1"
