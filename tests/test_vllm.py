@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 
 from pipeline import vllm
 from pipeline.errors import TerminalError
@@ -23,6 +24,8 @@ def test_one_vllm_release_is_pinned_for_the_image_and_the_runtime() -> None:
     pinned = vllm.chart_version()
     make = subprocess.run(["make", "-s", "vllm-version"], cwd=ROOT, capture_output=True, text=True, check=True)
     assert make.stdout.strip() == pinned  # the Makefile installs what the chart's image runs
+    chart = yaml.safe_load((vllm.CHART_DIR / "Chart.yaml").read_text())
+    assert chart["appVersion"] == pinned  # and the chart says so
     assert "vllm" not in (ROOT / "pipeline" / "serving-requirements.txt").read_text().split("#")[-1].split("==")[0]
     requirements = (ROOT / "pipeline" / "serving-requirements.txt").read_text().splitlines()
     assert not [line for line in requirements if line.startswith("vllm")]  # not pinned a second time

@@ -37,6 +37,7 @@ class Endpoint:
     api_key_env: str | None = None
     tokenized_requests: bool = False  # send token ids (vLLM takes them: context lengths then match exactly)
     subject: str | None = None  # what is evaluated, when known (the served artifact): keys the result cache
+    chat: bool = True  # generation through chat completions (the chat template); False: plain completions
 
     @property
     def base(self) -> str:
@@ -141,7 +142,12 @@ def run_endpoint(target: Endpoint, manager: Any, items: list[Any], samples: dict
         args["tokenized_requests"] = target.tokenized_requests
         args |= {"num_concurrent": target.num_concurrent, "tokenizer": target.tokenizer or target.model}
         runs.append(("local-completions", args, likelihood, False))
-    if generate:
+    if generate and not target.chat:  # the same prompts as lm-eval's in-process run (no chat template)
+        args = {"base_url": f"{target.base}/v1/completions", "model": target.model}
+        args |= {"num_concurrent": target.num_concurrent, "tokenizer": target.tokenizer or target.model}
+        args["tokenized_requests"] = target.tokenized_requests
+        runs.append(("local-completions", args, generate, False))
+    elif generate:
         args = {"base_url": f"{target.base}/v1/chat/completions", "model": target.model}
         args |= {"num_concurrent": target.num_concurrent}
         runs.append(("local-chat-completions", args, generate, True))
@@ -201,7 +207,9 @@ def evaluate_served(
     subject = f"{subject_of(LocalWeights(model_dir))} served by vllm {version} args {args}"
 
     def endpoint(url: str, model: str) -> Endpoint:
-        return Endpoint(url, model, num_concurrent, str(model_dir), tokenized_requests=True, subject=subject)
+        return Endpoint(
+            url, model, num_concurrent, str(model_dir), tokenized_requests=True, subject=subject, chat=False
+        )
 
     key = cache_key(subject, suite, SERVED_BACKEND)
     if use_cache and ((cache_dir or default_cache_dir()) / "evaluations" / f"{key}.json").is_file():
