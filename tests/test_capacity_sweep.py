@@ -13,6 +13,7 @@ from loadservers import MODEL, Behaviour, running
 from pipeline.config import CapacityPolicy, CapacitySweep, LoadProfile, Slo, parse_config
 from pipeline.errors import ConfigError, TerminalError
 from pipeline.gates import GateResult
+from pipeline.gitops.values import check_values, edit_values, scale_changes
 from pipeline.loadtest import LoadReport, PromptSet, Target, run_load, synthetic_prompts
 from pipeline.loadtest.capacity import (
     CapacityMeasurement,
@@ -24,6 +25,7 @@ from pipeline.loadtest.capacity import (
 )
 from pipeline.loadtest.capacity_plan import capacity_plan, plot_capacity, replica_changes
 
+ROOT = Path(__file__).resolve().parent.parent
 PROMPTS = synthetic_prompts(16)
 PROFILE = LoadProfile(rate=1, max_tokens=4)
 # A 50 ms request takes ~60 ms here; past a server's capacity its queue grows and the achieved rate falls short
@@ -248,6 +250,27 @@ def test_the_replicas_go_into_the_values_or_keda_bounds_when_asked() -> None:
         replica_changes(over, small, "replicas: 2\n")
     verdict, why = _row(capacity_gate(_report([10, 12, 11], None), small), "replicas at peak")
     assert verdict == "fail" and "10 replicas of 11 req/s serve the peak 100 req/s" in why
+    assert scale_changes("autoscaling:\n  enabled: true\n", 1) == {
+        "autoscaling.maxReplicas": 1,
+        "autoscaling.minReplicas": 1,  # the chart's default minimum (2) would exceed it
+    }
+
+
+@pytest.mark.parametrize("keda", [False, True])
+def test_the_replicas_written_into_prod_values_keep_the_chart_schema(keda: bool) -> None:
+    text = (ROOT / "gitops" / "envs" / "prod" / "values.yaml").read_text(encoding="utf-8")
+    if keda:
+        text = text.replace("  enabled: false    # set true", "  enabled: true    # set true")
+    plan = capacity_plan(_report([10, 12, 11], None), POLICY_PLAN, gpus_per_replica=1)
+    after = edit_values(text, replica_changes(plan, POLICY_PLAN, text))
+    merged = check_values(after, ROOT / "gitops" / "charts" / "llm-inference", "envs/prod/values.yaml")
+    if keda:
+        assert merged["autoscaling"] == {**merged["autoscaling"], "minReplicas": 4, "maxReplicas": 10}
+        assert merged["replicas"] == 4  # the Rollout's own count is KEDA's then: left alone
+    else:
+        assert merged["replicas"] == 10 and merged["autoscaling"]["maxReplicas"] == 12
+    changed = [line for line in after.splitlines() if line not in text.splitlines()]
+    assert len(changed) == 1  # one line edited, every other byte kept
 
 
 MINIMAL = """\
