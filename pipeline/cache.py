@@ -34,6 +34,7 @@ from pathlib import Path
 from pydantic import BaseModel
 
 from pipeline.errors import TerminalError, TransientError
+from pipeline.progress import Progress
 from pipeline.quantize.step import read_artifact
 from pipeline.secrets import redact
 from pipeline.source import MODEL_FILE_PATTERNS, ModelSource, SourceFile, SourcePolicy
@@ -44,7 +45,6 @@ PARTIAL = ".partial"
 BLOCK = 8 << 20  # 8 MiB: large enough to stream at disk speed, small enough to report progress
 SPACE_MARGIN = 64 << 20
 
-Progress = Callable[[str, float], None]
 Reader = Callable[[str, int], Iterator[bytes]]  # (file name, offset) -> the file's bytes from there on
 
 

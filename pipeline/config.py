@@ -589,3 +589,11 @@ def load_config(path: str | Path) -> PromotionConfig:
             str(file), [f"{file}: cannot read the file: {reason}"], hint="pass the path of a readable promotion.yaml"
         ) from None
     return parse_config(text, str(file), file.parent.resolve())
+
+
+def cache_home() -> Path:
+    """The pipeline's own cache (GitOps clones, eval results, the small model): ``$MODELCTL_CACHE``, else
+    ``~/.cache/modelctl``. Read at call time, so a Job or a test can point it elsewhere."""
+    import os
+
+    return Path(os.environ.get("MODELCTL_CACHE") or Path.home() / ".cache" / "modelctl")

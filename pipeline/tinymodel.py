@@ -24,13 +24,15 @@ import random
 import shutil
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from pipeline.config import cache_home
 from pipeline.errors import TerminalError
+from pipeline.progress import Progress
 
 # Bump when anything that changes the built model changes: data, tokenizer, architecture, training.
 BUILDER_VERSION = "tiny-llama-1"
@@ -63,7 +65,6 @@ ARCH: dict[str, Any] = {
 }
 TRAIN: dict[str, Any] = {"steps": 600, "batch_size": 64, "lr": 3e-3, "warmup": 20, "weight_decay": 0.0}
 
-Progress = Callable[[str, float], None]
 
 
 @dataclass(frozen=True)
@@ -138,7 +139,7 @@ def eval_items(table: list[Fact] | None = None) -> list[dict[str, Any]]:
 
 
 def default_cache_dir() -> Path:
-    return Path(os.environ.get("MODELCTL_CACHE") or Path.home() / ".cache" / "modelctl")
+    return cache_home()
 
 
 def _train_tokenizer(texts: list[tuple[str, str]], out: Path) -> Any:

@@ -36,6 +36,7 @@ def quantize(
     from pipeline.quantize import Calibration, Recipe
     from pipeline.quantize import quantize as run
     from pipeline.source import SourcePolicy, resolve
+    from pipeline.steps import source_policy
 
     with errors(as_json), progress(not as_json) as bar:
         cfg = load_config(config) if config else None
@@ -48,11 +49,7 @@ def quantize(
         if asymmetric is not None:
             updates["symmetric"] = not asymmetric
         recipe = recipe.model_copy(update=updates)
-        policy = SourcePolicy(
-            allow_pickle=cfg.model.allow_pickle if cfg else False,
-            trust_remote_code=cfg.model.trust_remote_code if cfg else False,
-            token_env=cfg.model.hub_token_env if cfg else "HF_TOKEN",
-        )
+        policy = source_policy(cfg.model) if cfg else SourcePolicy()
         source = resolve(ref, policy)
         artifact = run(source, recipe, out_dir, backend or settings.backend, policy=policy, progress=bar)
     if as_json:

@@ -19,21 +19,21 @@ import json
 import os
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from importlib.metadata import version
 from pathlib import Path
 from typing import Any, Literal
 
+from pipeline.config import cache_home
 from pipeline.errors import TerminalError
 from pipeline.evaluate.endpoint import Endpoint, leaf_tasks, run_endpoint
 from pipeline.evaluate.report import EvalReport, metrics_from_results
 from pipeline.evaluate.suite import Suite
+from pipeline.progress import Progress
 from pipeline.secrets import redact
-from pipeline.tinymodel import default_cache_dir
 
-Progress = Callable[[str, float], None]
 OFFLINE_SWITCHES = ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE")
 
 
@@ -276,7 +276,7 @@ def evaluate(
     subject = subject_of(target)
     backend = target.backend if isinstance(target, LocalWeights) else "local-completions+local-chat-completions"
     key = cache_key(subject, suite, backend)
-    cached_file = (cache_dir or default_cache_dir()) / "evaluations" / f"{key}.json"
+    cached_file = (cache_dir or cache_home()) / "evaluations" / f"{key}.json"
     if use_cache and cached_file.is_file():
         try:
             report = EvalReport.model_validate_json(cached_file.read_text(encoding="utf-8"))

@@ -9,14 +9,12 @@ transformers runs (:func:`dequantize_to_dense`), and that must still answer like
 from __future__ import annotations
 
 import shutil
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from pipeline.errors import TerminalError
+from pipeline.progress import Progress
 from pipeline.quantize.recipe import Recipe
-
-Progress = Callable[[str, float], None]
 
 
 def check(recipe: Recipe) -> None:

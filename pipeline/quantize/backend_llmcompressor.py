@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from pipeline.progress import Progress
 from pipeline.quantize.recipe import Recipe
-
-Progress = Callable[[str, float], None]
 
 
 @contextmanager

@@ -12,10 +12,10 @@ import os
 import shutil
 import tempfile
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 from pipeline.errors import TerminalError
+from pipeline.progress import Progress
 from pipeline.quantize import backend_autoawq
 from pipeline.quantize.recipe import (
     MANIFEST,
@@ -29,8 +29,6 @@ from pipeline.quantize.recipe import (
     tool_version,
 )
 from pipeline.source import ModelSource, SourcePolicy, fetch, file_sha256
-
-Progress = Callable[[str, float], None]
 
 
 def read_artifact(path: Path) -> Artifact:
