@@ -4,6 +4,7 @@ the plan's arithmetic on fixed inputs."""
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -14,10 +15,11 @@ from pipeline.config import CapacityPolicy, CapacitySweep, LoadProfile, Slo, par
 from pipeline.errors import ConfigError, TerminalError
 from pipeline.gates import GateResult
 from pipeline.gitops.values import check_values, edit_values, scale_changes
-from pipeline.loadtest import LoadReport, PromptSet, Target, run_load, synthetic_prompts
+from pipeline.loadtest import LoadReport, PromptSet, RequestRecord, Target, run_load, summarize, synthetic_prompts
 from pipeline.loadtest.capacity import (
     CapacityMeasurement,
     CapacityReport,
+    Runner,
     Sweep,
     capacity_gate,
     measure,
@@ -146,6 +148,33 @@ def test_a_sweep_bracketed_before_its_time_runs_out_keeps_the_goodput_and_its_br
     assert result.verdict == "pass" and result.stopped == "budget"
     assert result.lo_rps is not None and result.hi_rps is not None and result.goodput_rps == result.lo_rps
     assert f"bracket {result.lo_rps:g}-{result.hi_rps:g}, wider than the resolution: out of time" in result.why
+
+
+def _scripted(capacity: float) -> Runner:
+    """A load generator stand-in: each offered rate gets 50 ms requests up to ``capacity``, 500 ms beyond it."""
+
+    def run(target: Target, profile: LoadProfile, prompts: PromptSet) -> LoadReport:
+        rate = profile.rate or 1.0
+        e2e = 0.05 if rate <= capacity else 0.5
+        records = [
+            RequestRecord(start_s=i / rate, ttft_s=e2e / 2, e2e_s=e2e, output_tokens=4)
+            for i in range(math.ceil(rate * profile.duration_s))
+        ]
+        return summarize(target, profile, "scripted", records, profile.duration_s)
+
+    return run
+
+
+def test_the_stopping_rules_ramp_then_bisect_to_the_resolution() -> None:
+    settings = CapacitySweep(start_rps=1, growth=2, max_rps=256, resolution=0.1, duration_s=10, warmup_s=0)
+    result = sweep(Target("http://x", MODEL), PROFILE, SLO, settings, PROMPTS, runner=_scripted(37))
+    assert [t.rate for t in result.trials] == [1, 2, 4, 8, 16, 32, 64, 48, 40, 36, 38]
+    assert (result.verdict, result.stopped, result.goodput_rps, result.hi_rps) == ("pass", "bracketed", 36, 38)
+    assert result.output_tokens_per_s == 144  # 36 req/s x 4 tokens
+    ceiling = sweep(Target("http://x", MODEL), PROFILE, SLO, settings.model_copy(update={"max_rps": 100}), PROMPTS,
+                    runner=_scripted(1000))  # fmt: skip
+    assert [t.rate for t in ceiling.trials] == [1, 2, 4, 8, 16, 32, 64, 100]
+    assert ceiling.at_ceiling and ceiling.goodput_rps == 100 and "at least" in ceiling.why
 
 
 # --- the gate and the plan on fixed inputs ---------------------------------------------------------------

@@ -227,9 +227,9 @@ def sweep(
                 return done("pass", "ceiling", why, ceiling=True)
             rate = min(rate * settings.growth, settings.max_rps)
         else:
-            if hi / lo - 1 <= settings.resolution:
-                return done("pass", "bracketed", f"goodput {lo:g} req/s: {hi:g} req/s fails the SLO")
             rate = _midpoint(lo, hi)
+            if hi / lo - 1 <= settings.resolution or not lo < rate < hi:  # (rounding leaves nothing between)
+                return done("pass", "bracketed", f"goodput {lo:g} req/s: {hi:g} req/s fails the SLO")
 
 
 def measure(
