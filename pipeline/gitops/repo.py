@@ -32,6 +32,7 @@ from pipeline.gitops.commits import (
     Pending,
     Plan,
     Promotion,
+    live_promotions,
     one_line,
     parse_log,
 )
@@ -64,6 +65,7 @@ class GitOps:
     """
 
     max_attempts = 6
+    sleep: Callable[[float], None] = staticmethod(time.sleep)  # the push retry's wait; tests replace it
 
     def __init__(
         self, repo: Repo, url: str, branch: str, token_env: str, mode: str, lock: CloneLock | None = None
@@ -304,7 +306,7 @@ class GitOps:
                 return pending.result(pushed=True, branch=self.branch, attempts=attempt)
             if attempt == self.max_attempts:
                 break
-            time.sleep(random.uniform(0, 0.05 * 2**attempt))  # jittered backoff between tries, not a test timing
+            self.sleep(random.uniform(0, 0.05 * 2**attempt))  # jittered backoff between tries, not a test timing
             if not tip or tip == pending.base:
                 continue  # the remote did not move: push the same commit again
             moved = True
@@ -439,13 +441,8 @@ class GitOps:
     @_locked
     def baseline(self, env: str) -> PromotionRecord | None:
         """The record of the promotion whose model runs in ``env`` now (reverted ones skipped): the eval baseline."""
-        reverted: set[str] = set()
-        for entry in self.history(env):
-            if entry.action == "revert":
-                reverted.add(entry.reverts)
-            elif entry.promotion_id not in reverted:
-                return self.record(env, entry.promotion_id)
-        return None
+        live = live_promotions(self.history(env))
+        return self.record(env, live[0].promotion_id) if live else None
 
     @_locked
     def record(self, env: str, promotion_id: str) -> PromotionRecord:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
@@ -27,6 +27,9 @@ class LeaseHold:
 class Leases(KubeClient):
     """One promotion per environment: a coordination.k8s.io Lease, renewed while held."""
 
+    # Wall-clock time of the Lease stamps (renewTime, expiry); a test replaces it to expire a Lease at once.
+    now: Callable[[], datetime] = staticmethod(lambda: datetime.now(UTC))
+
     def lease_holder(self, env: str, namespace: str) -> str | None:
         """Who holds ``env``'s live promotion Lease, and since when; None when it is free or expired."""
         name = f"modelctl-promotion-{env}"
@@ -41,7 +44,7 @@ class Leases(KubeClient):
         if not holder or not renewed:
             return None
         expires = parse_time(renewed) + timedelta(seconds=spec.get("leaseDurationSeconds") or 0)
-        return f"{holder} since {spec.get('acquireTime')}" if expires > datetime.now(UTC) else None
+        return f"{holder} since {spec.get('acquireTime')}" if expires > self.now() else None
 
     def acquire_lease(self, env: str, namespace: str, holder: str, duration_s: int = 60) -> LeaseHold:
         """Take the promotion lease of ``env``: create it, renew our own, or take over an expired one.
@@ -52,7 +55,7 @@ class Leases(KubeClient):
         name, what = f"modelctl-promotion-{env}", f"take the promotion Lease of {env!r}"
 
         def attempt() -> LeaseHold:
-            now = datetime.now(UTC)
+            now = self.now()
             stamp = now.isoformat(timespec="microseconds")
             try:
                 lease = self.read(what, self.coordination.read_namespaced_lease, name, namespace)
@@ -96,7 +99,7 @@ class Leases(KubeClient):
                     f"lost the promotion lease {hold.namespace}/{hold.name} to {lease['spec'].get('holderIdentity')}",
                     hint="the lease expired before it was renewed; stop this promotion and check the other one",
                 )
-            lease["spec"]["renewTime"] = datetime.now(UTC).isoformat(timespec="microseconds")
+            lease["spec"]["renewTime"] = self.now().isoformat(timespec="microseconds")
             renewed = self.read(what, self.coordination.replace_namespaced_lease, hold.name, hold.namespace, lease)
             return replace(hold, resource_version=renewed["metadata"]["resourceVersion"])
 
