@@ -80,6 +80,47 @@ def test_history_lists_what_was_promoted(setup: Path, tmp_path: Path) -> None:
     assert data["entries"][0]["artifact"] == "art-7" and data["entries"][0]["eval"] == "pass"
 
     human = runner.invoke(app, ["history", "--env", "prod", "--config", str(setup)])
-    assert (
-        human.exit_code == 0 and f"now running in prod: org/name@eeeeeeeeeeee art-7 (promotion {p.id}," in human.output
-    )
+    assert human.exit_code == 0 and "now running in prod: org/name@eeeeeeee art-7\n" in human.output
+    assert f"promotion {p.id}, commit" in human.output
+
+
+def test_history_and_status_read_at_100_columns_and_wide_shows_everything(
+    setup: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    repo = GitOps.open(str(tmp_path / "remote.git"), tmp_path / "other-clone")
+    ids, commits = [], []
+    for n, artifact in enumerate(("awq-w4a16-0123456789abcdef", "gptq-w4a16-fedcba9876543210")):
+        p = Promotion(
+            env="prod", model="Qwen/Qwen2.5-0.5B-Instruct", revision=f"{n + 1}" * 40, artifact=artifact,
+            format="awq-w4a16", eval="pass: fact_recall 0.99 >= baseline 0.99 - 0.05 (stderr 0.01)",
+            latency="pass: ttft_p95 120 ms <= 300 ms, e2e_p95 900 ms <= 2000 ms",
+        )  # fmt: skip
+        done = repo.promote(p, "envs/prod/values.yaml")
+        ids.append(done.promotion_id)
+        commits.append(done.commit)
+    revert = repo.revert(ids[1], reason="latency regression")
+    monkeypatch.setenv("COLUMNS", "100")
+
+    narrow = runner.invoke(app, ["history", "--env", "prod", "--config", str(setup)])
+    assert narrow.exit_code == 0, narrow.output
+    lines = narrow.output.splitlines()
+    assert all(len(line) <= 100 for line in lines), "\n".join(lines)
+    header = next(line for line in lines if "promotion" in line)
+    assert "promotion" in header.split() and "commit" in header.split(), "the header breaks no word"
+    for promotion_id in [*ids, revert.promotion_id]:
+        assert promotion_id in narrow.output, "a promotion id is never cut or wrapped"
+    assert "awq-w4a16-01234567 " in narrow.output and revert.commit[:8] in narrow.output
+    assert f"↩ {ids[1]}" in narrow.output and "pass/pass" in narrow.output
+    assert revert.commit[:12] not in narrow.output, "short shas at 100 columns"
+
+    monkeypatch.setenv("COLUMNS", "250")
+    wide = runner.invoke(app, ["history", "--env", "prod", "--config", str(setup), "--wide"])
+    assert wide.exit_code == 0 and revert.commit in wide.output and "awq-w4a16-0123456789abcdef" in wide.output
+    assert "e2e_p95 900 ms <= 2000 ms" in wide.output and "modelctl <modelctl@localhost>" in wide.output
+
+    monkeypatch.setenv("COLUMNS", "100")
+    status = runner.invoke(app, ["status", "--config", str(setup)])
+    assert status.exit_code == 0, status.output
+    assert all(len(line) <= 100 for line in status.output.splitlines()), status.output
+    assert "Qwen/Qwen2.5-0.5B-Instruct@11111111" in status.output and "awq-w4a16-01234567" in status.output
+    assert commits[0][:8] in status.output and "commit" in status.output.split(), "the live promotion's commit"

@@ -5,13 +5,26 @@ from __future__ import annotations
 import dataclasses
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.syntax import Syntax
 from rich.table import Table
 
-from pipeline.cli.render import JsonFlag, emit_json, errors, out
+from pipeline.cli.render import (
+    JsonFlag,
+    WideFlag,
+    emit_json,
+    errors,
+    fit_table,
+    model_ref,
+    out,
+    short_artifact,
+    short_sha,
+)
+
+if TYPE_CHECKING:
+    from pipeline.gitops import HistoryEntry
 
 gitops_app = typer.Typer(help="The GitOps repo Argo CD watches.", no_args_is_help=True)
 
@@ -97,6 +110,7 @@ def history(
     config: ConfigOption = Path("promotion.yaml"),
     limit: Annotated[int, typer.Option(help="newest N entries (0 = all)")] = 20,
     workdir: WorkdirOption = None,
+    wide: WideFlag = False,
     as_json: JsonFlag = False,
 ) -> None:
     """The promotions and reverts of an environment, newest first, read from the GitOps repo's commit trailers."""
@@ -114,27 +128,38 @@ def history(
     if not entries:
         out.print(f"no promotions to {env} yet in {repo.remote}")
         return
-    table = Table("when (UTC)", "promotion", "action", "model", "artifact", "eval", "latency", "commit", "by")
-    for column in table.columns:
-        column.overflow = "fold"
-    for entry in entries:
-        when = datetime.fromtimestamp(entry.timestamp, tz=UTC).strftime("%Y-%m-%d %H:%M")
-        action = entry.action if not entry.reverts else f"revert of {entry.reverts}"
-        model = f"{entry.model}@{entry.revision[:12]}" if entry.model else "-"
-        table.add_row(
-            when,
-            entry.promotion_id,
-            action,
-            model,
-            entry.artifact or "-",
-            entry.eval or "-",
-            entry.latency or "-",
-            entry.commit[:12],
-            entry.author,
-        )
-    out.print(table)
+    out.print(history_table(entries, wide))
     now = entries[0]
-    running = f"{now.model}@{now.revision[:12]} {now.artifact}" if now.model else "nothing (reverted to empty values)"
-    out.print(
-        f"now running in {env}: {running} (promotion {now.promotion_id}, commit {now.commit[:12]})", highlight=False
+    running = (
+        f"{model_ref(now.model, now.revision, wide)} {short_artifact(now.artifact, wide)}"
+        if now.model
+        else "nothing (reverted to empty values)"
     )
+    out.print(f"now running in {env}: {running}", highlight=False)
+    out.print(f"  promotion {now.promotion_id}, commit {short_sha(now.commit, wide)}", highlight=False)
+
+
+def _verdict(text: str) -> str:
+    """The first word of a gate's one-line verdict (pass, fail, inconclusive), or -."""
+    return text.split(":", 1)[0].split()[0] if text.strip() else "-"
+
+
+def history_table(entries: list[HistoryEntry], wide: bool = False) -> Table:
+    """History as a table that reads at 100 columns: ids and shas never cut or wrapped, the model column (the one
+    free-length text) ends in an ellipsis; a revert shows "↩ <the promotion it undid>". ``wide`` shows full shas
+    and artifact ids, both gates' verdict lines, what a revert went back to, and the author.
+    """
+    rows = []
+    for entry in entries:
+        when = datetime.fromtimestamp(entry.timestamp, tz=UTC).strftime("%Y-%m-%d %H:%M" if wide else "%m-%d %H:%M")
+        reverted = entry.action == "revert" and entry.reverts
+        model = model_ref(entry.model, entry.revision, wide)
+        if reverted:
+            model = f"undo {entry.reverts}, back to {model}" if wide else f"↩ {entry.reverts}"  # the id stays whole
+        verdicts = f"{_verdict(entry.eval)}/{_verdict(entry.latency)}"
+        gates = [entry.eval or "-", entry.latency or "-"] if wide else [verdicts]
+        row = [when, entry.promotion_id, entry.action, model, short_artifact(entry.artifact, wide) or "-", *gates]
+        rows.append([*row, short_sha(entry.commit, wide), *([entry.author] if wide else [])])
+    headers = ["when (UTC)", "promotion", "action", "model", "artifact"]
+    headers += ["eval", "latency", "commit", "by"] if wide else ["gates", "commit"]
+    return fit_table(headers, rows, {"model": 18, "eval": 8, "latency": 8, "by": 8}, wide)

@@ -12,8 +12,10 @@ from typing import Annotated, Any
 
 import typer
 from pydantic import ValidationError
+from rich import box
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
 from rich.text import Text
 
 from pipeline.errors import PipelineError, TerminalError, TransientError, first_problem
@@ -150,3 +152,40 @@ def set_debug(enabled: bool) -> None:
     """Turn on tracebacks for this run (``modelctl --debug ...``)."""
     if enabled:
         os.environ["MODELCTL_DEBUG"] = "1"
+
+
+WideFlag = Annotated[bool, typer.Option("--wide", help="Full ids, shas and every column (for a wide terminal).")]
+
+
+def short_sha(sha: str, wide: bool = False) -> str:
+    """A commit sha as tables show it: 8 hex digits (all 40 with ``--wide``)."""
+    return sha if wide else sha[:8]
+
+
+def short_artifact(artifact_id: str, wide: bool = False) -> str:
+    """An artifact id as tables show it: its recipe prefix and 8 of its 16 hex digits (whole with ``--wide``)."""
+    prefix, _, digest = artifact_id.rpartition("-")
+    if wide or not prefix or len(digest) != 16 or any(c not in "0123456789abcdef" for c in digest):
+        return artifact_id
+    return f"{prefix}-{digest[:8]}"
+
+
+def model_ref(model: str, revision: str, wide: bool = False) -> str:
+    """``org/name@rev`` with the revision cut to 8 hex digits (12 with ``--wide``)."""
+    return f"{model}@{revision[: 12 if wide else 8]}" if model else "-"
+
+
+def fit_table(headers: list[str], rows: list[list[str]], flexible: dict[str, int], wide: bool = False) -> Table:
+    """A table that reads at 100 columns: ids, shas and dates exactly as wide as their longest value (never cut
+    or wrapped); the ``flexible`` columns (header -> minimum width) share what is left and end in an ellipsis
+    (wrap whole with ``wide``)."""
+    table = Table(box=box.SIMPLE_HEAD, pad_edge=False, show_edge=False, padding=(0, 1), collapse_padding=True)
+    for i, header in enumerate(headers):
+        if header in flexible:
+            least = min(flexible[header], max(len(header), *(len(r[i]) for r in rows)))
+            table.add_column(header, overflow="fold" if wide else "ellipsis", min_width=least)
+        else:
+            table.add_column(header, no_wrap=True, width=max(len(header), *(len(r[i]) for r in rows)))
+    for row in rows:
+        table.add_row(*row)
+    return table

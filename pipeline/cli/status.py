@@ -10,9 +10,18 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
-from rich.table import Table
 
-from pipeline.cli.render import JsonFlag, emit_json, errors, out
+from pipeline.cli.render import (
+    JsonFlag,
+    WideFlag,
+    emit_json,
+    errors,
+    fit_table,
+    model_ref,
+    out,
+    short_artifact,
+    short_sha,
+)
 
 ConfigOption = Annotated[Path, typer.Option("--config", "-c", help="promotion.yaml")]
 WorkdirOption = Annotated[
@@ -28,6 +37,7 @@ def status(
     config: ConfigOption = Path("promotion.yaml"),
     env: Annotated[str | None, typer.Option("--env", "-e", help="one environment (default: all)")] = None,
     workdir: WorkdirOption = None,
+    wide: WideFlag = False,
     as_json: JsonFlag = False,
 ) -> None:
     """What runs in each environment (from Git), and on a cluster the Rollout's phase and any promotion in flight."""
@@ -64,19 +74,19 @@ def status(
     for row in rows:
         if row.get("dangling"):
             out.print(f"[bold red]![/] {row['dangling']}")
-    table = Table("environment", "running", "artifact", "since commit", "rollout", "in flight")
+    cells = []
     for row in rows:
         current = row["current"]
-        running = f"{current['model']}@{current['revision'][:12]}" if current else "-"
-        table.add_row(
+        cells.append([
             row["env"],
-            running,
-            current["artifact"] if current else "-",
-            current["commit"][:12] if current else "-",
+            model_ref(current["model"], current["revision"], wide) if current else "-",
+            short_artifact(current["artifact"], wide) if current else "-",
+            short_sha(current["commit"], wide) if current else "-",
             row["rollout"] or "-",
             row["in_flight"] or "-",
-        )
-    out.print(table)
+        ])  # fmt: skip
+    headers = ["environment", "running", "artifact", "commit", "rollout", "in flight"]
+    out.print(fit_table(headers, cells, {"running": 18, "rollout": 10, "in flight": 10}, wide))  # 100 columns
 
 
 def dangling(row: dict[str, Any], env: str) -> str | None:
