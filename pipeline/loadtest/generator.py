@@ -18,6 +18,8 @@ from pipeline.loadtest.prompts import PromptSet
 from pipeline.loadtest.report import LoadReport, Progress, RequestRecord, Target, summarize
 from pipeline.secrets import has_credentials, redact
 
+Clock = Callable[[], float]
+
 
 def _body(target: Target, api: str, prompt: str, max_tokens: int) -> bytes:
     """The request body. Only standard fields: `transformers serve` rejects unknown ones."""
@@ -29,9 +31,11 @@ def _body(target: Target, api: str, prompt: str, max_tokens: int) -> bytes:
     return json.dumps(body).encode()
 
 
-async def _one(session: aiohttp.ClientSession, url: str, body: bytes, t0: float) -> RequestRecord:
+async def _one(
+    session: aiohttp.ClientSession, url: str, body: bytes, t0: float, clock: Clock = time.perf_counter
+) -> RequestRecord:
     """Send one streaming request and time it. Failures become an error kind, never an exception."""
-    start = time.perf_counter()
+    start = clock()
     rec = RequestRecord(start_s=start - t0)
     last: float | None = None
     tokens = 0
@@ -45,7 +49,7 @@ async def _one(session: aiohttp.ClientSession, url: str, body: bytes, t0: float)
                 return rec
             pending = b""
             async for piece in resp.content.iter_any():  # whole reads, timed on arrival: fewer wake-ups
-                now = time.perf_counter()
+                now = clock()
                 *lines, pending = (pending + piece).split(b"\n")
                 for raw in lines:
                     if not raw.startswith(b"data:"):
@@ -80,7 +84,7 @@ async def _one(session: aiohttp.ClientSession, url: str, body: bytes, t0: float)
     if rec.error is None and not finished:
         rec.error = "stream_cut"
     if rec.error is None:
-        rec.e2e_s = time.perf_counter() - start
+        rec.e2e_s = clock() - start
         rec.output_tokens = usage if usage is not None else tokens
     return rec
 
@@ -92,6 +96,7 @@ async def load(
     *,
     timeout_s: float = 60.0,
     on_progress: Callable[[Progress], None] | None = None,
+    clock: Clock = time.perf_counter,
 ) -> LoadReport:
     """Apply ``profile``'s load to ``target`` and measure every request (see :func:`run_load`)."""
     url = target.url(profile.api)
@@ -105,7 +110,7 @@ async def load(
     failed = 0
     sent = 0
     measured_sent = 0
-    t_begin = time.perf_counter()
+    t_begin = clock()
     t0 = t_begin + profile.warmup_s  # the measurement starts after the warm-up
     t_end = t_begin + (profile.warmup_s + profile.duration_s)
     cap = profile.max_requests
@@ -127,7 +132,7 @@ async def load(
 
         async def reporter() -> None:
             while on_progress is not None:
-                now = time.perf_counter()
+                now = clock()
                 on_progress(Progress(now - t0, measured_sent, len(records), failed, now < t0))
                 await asyncio.sleep(0.25)
 
@@ -136,10 +141,10 @@ async def load(
 
             async def worker() -> None:
                 nonlocal sent, measured_sent
-                while more(now := time.perf_counter()):
+                while more(now := clock()):
                     measured_sent += now >= t0
                     sent += 1
-                    measured(await _one(session, url, bodies[sent % len(bodies)], t0), now >= t0)
+                    measured(await _one(session, url, bodies[sent % len(bodies)], t0, clock), now >= t0)
 
             await asyncio.gather(*(worker() for _ in range(profile.concurrency)))
         else:
@@ -147,12 +152,12 @@ async def load(
             tasks: set[asyncio.Task[None]] = set()
 
             async def fire(body: bytes, counted: bool) -> None:
-                measured(await _one(session, url, body, t0), counted)
+                measured(await _one(session, url, body, t0, clock), counted)
 
             due = t_begin
             index = 0
             while True:
-                now = time.perf_counter()
+                now = clock()
                 if due > now:
                     await asyncio.sleep(due - now)
                 if not more(due):
@@ -168,8 +173,8 @@ async def load(
                 await asyncio.gather(*tasks)
         report_task.cancel()
         if on_progress is not None:
-            on_progress(Progress(time.perf_counter() - t0, measured_sent, len(records), failed, False))
-    return summarize(target, profile, prompts.source, records, time.perf_counter() - t0)
+            on_progress(Progress(clock() - t0, measured_sent, len(records), failed, False))
+    return summarize(target, profile, prompts.source, records, clock() - t0)
 
 
 def run_load(
@@ -179,6 +184,7 @@ def run_load(
     *,
     timeout_s: float = 60.0,
     on_progress: Callable[[Progress], None] | None = None,
+    clock: Clock | None = None,
 ) -> LoadReport:
     """Run a load test to its end (duration or request count, then in-flight requests finish or time out).
 
@@ -198,4 +204,5 @@ def run_load(
             f"load-test endpoint {redact(target.endpoint)!r} carries credentials",
             hint="put the token in an environment variable and name it as the API key variable",
         )
-    return asyncio.run(load(target, profile, prompts, timeout_s=timeout_s, on_progress=on_progress))
+    chosen = clock or time.perf_counter  # tests replace the clock; no test asserts a rate measured here
+    return asyncio.run(load(target, profile, prompts, timeout_s=timeout_s, on_progress=on_progress, clock=chosen))
