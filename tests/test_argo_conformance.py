@@ -17,7 +17,9 @@ from typing import Any
 
 import pytest
 import yaml
-from cluster.rollouts import controller_phase
+from cluster.fake import rollout_manifest
+from cluster.rollouts import ROLLOUT, RolloutsSimulator, controller_phase
+from cluster.store import Store
 
 from pipeline.config import CanaryPolicy
 from pipeline.kube.rollouts import abort_patch, promote_full_patch, promote_patch, retry_patch
@@ -127,3 +129,48 @@ def test_the_pipelines_patches_do_what_argo_cds_actions_do(case: dict[str, Any])
         decision = decide(seen, CanaryPolicy(), [], step_elapsed_s=0)
         assert isinstance(decision, Wait) and "paused by hand" in decision.reason
     assert got == want
+
+
+# the simulated controller reacts to the pipeline's status patches as ../shared/ARGO.md describes ---------------
+def test_the_simulated_controller_reacts_to_the_status_patches_as_argo_does() -> None:
+    store = Store()
+    sim = RolloutsSimulator(store)
+    steps = [{"setWeight": 50}, {"pause": {}}, {"setWeight": 100}, {"pause": {}}]
+    store.create(ROLLOUT, "ns", rollout_manifest("llm", steps), keep_status=False)
+    sim.tick()
+
+    def seen() -> ObservedRollout:
+        return observe_rollout(store.get(ROLLOUT, "ns", "llm"))
+
+    def send(patch: dict[str, Any] | None) -> None:
+        assert patch is not None and set(patch) == {"status"}
+        store.patch(ROLLOUT, "ns", "llm", patch, "application/merge-patch+json", "status")
+
+    def read() -> tuple[str, str, int | None]:
+        now = seen()
+        return now.client_phase, argocd_health(now)[0], now.step_index
+
+    store.update(ROLLOUT, "ns", "llm", lambda obj: obj["spec"]["template"]["metadata"].update(labels={"v": "2"}))
+    assert read()[:2] == ("Progressing", "Progressing")  # the new generation is not observed yet
+    sim.set_canary_ready("ns", "llm", ready=False)
+    sim.tick()
+    assert read() == ("Progressing", "Progressing", 0)  # stuck in the setWeight step: its pods never get ready
+    send(promote_patch(seen()))  # no pause condition: promote moves the step index on, and the controller follows
+    sim.tick()
+    assert read() == ("Paused", "Suspended", 1) and seen().pause_reasons == ("CanaryPauseStep",)
+    sim.set_canary_ready("ns", "llm", ready=True)
+    send(promote_patch(seen()))  # clears the pause condition ...
+    assert read() == ("Progressing", "Suspended", 1)  # ... kubectl reads "unpausing" until the controller reacts
+    assert promote_patch(seen()) is None  # and a second promote sent now would skip a step
+    sim.tick()
+    assert read() == ("Paused", "Suspended", 3)
+    send(abort_patch())
+    sim.tick()
+    assert read() == ("Degraded", "Degraded", 0) and "RolloutAborted" in seen().client_message
+    send(retry_patch())
+    sim.tick()
+    assert read() == ("Paused", "Suspended", 1) and not seen().aborted
+    send(promote_full_patch(seen()))
+    sim.tick()
+    assert read()[:2] == ("Healthy", "Healthy") and seen().finished
+    assert promote_full_patch(seen()) is None and promote_patch(seen()) is None  # nothing left to promote
