@@ -249,3 +249,35 @@ def test_reevaluate_rolls_back_a_live_model_that_regressed(prefect_harness: None
 
     kept = evaluate(LocalWeights(live), load_suite("smoke"))  # the re-measurement did not overwrite the cache
     assert kept.skipped and kept.metric("facts_mc", "acc,none").value >= 0.9  # type: ignore[union-attr]
+
+
+@pytest.mark.slow
+@pytest.mark.prefect
+def test_pull_request_mode_through_modelctl_waits_then_resumes(
+    prefect_harness: None, tiny_model: Path, site: Path
+) -> None:
+    import json
+    import subprocess
+
+    from typer.testing import CliRunner
+
+    from flows.cli import app
+
+    config = site / "promotion.yaml"
+    config.write_text(
+        config.read_text().replace("gitops: {url: ./remote.git}", "gitops: {url: ./remote.git, mode: pull-request}")
+    )
+    common = ["--env", "local", "-c", str(config), "--workdir", str(site / "work"), "--json"]
+    first = CliRunner().invoke(app, ["promote", str(tiny_model), *common])
+    assert first.exit_code == 0, first.output
+    record = json.loads(first.output.strip().splitlines()[-1])["record"]
+    assert record["decision"] == "waiting" and "waiting for merge" in record["reason"]
+    assert history(site) == [], "nothing on the tracked branch before the merge"
+    early = CliRunner().invoke(app, ["promote", "--resume", record["id"], *common])
+    assert early.exit_code == 2 and "is not merged" in early.output
+    git = ["git", "--git-dir", str(site / "remote.git")]
+    subprocess.run([*git, "update-ref", "refs/heads/main", f"refs/heads/{record['branch']}"], check=True)
+    done = CliRunner().invoke(app, ["promote", "--resume", record["id"], *common])
+    assert done.exit_code == 0, done.output
+    assert json.loads(done.output.strip().splitlines()[-1])["record"]["decision"] == "promoted"
+    assert history(site) == [f"promote:{record['artifact']['id']}"]

@@ -3,14 +3,14 @@
 Everything is real but the cluster: the Prefect flow (test server), the GitOps repo (a bare remote from the
 template), the quantized artifact and its eval report, the canary load checks against a streaming server. The
 fake Kubernetes API (with Argo CD and Argo Rollouts simulated) is reached through a kubeconfig, as a real cluster
-would be. The Jobs' pods are simulated: each prints, as its last log line, the JSON the real step printed when
-this test ran it here.
+would be. The Jobs' pods are simulated: each prints, as its last log line, the StepResult the real step returned
+when this test ran it here (tests/test_steps.py runs the Job's real entrypoint as a process).
 """
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable, Iterator
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
@@ -24,6 +24,7 @@ from pipeline.errors import TerminalError
 from pipeline.evaluate import LocalWeights, evaluate, load_suite
 from pipeline.gitops import GitOps, init_repo
 from pipeline.quantize import Artifact
+from pipeline.steps import StepResult, StoredArtifact, manifest_digest
 from tests.loadservers import MODEL, Behaviour, running
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -47,13 +48,13 @@ def world(tmp_path: Path, quantized: Callable[[str, str], Artifact], monkeypatch
     artifact = quantized("llmcompressor", "gptq")
     entry = preload(Path(artifact.path), tmp_path / "pvc")
     report = evaluate(LocalWeights(Path(entry.path)), load_suite("smoke"))
-    printed = {
-        "quantize": {**artifact.model_dump(mode="json"), "skipped": False},
-        "preload": entry.model_dump(mode="json"),
-        "evaluate": {"ok": True, "report": report.model_dump(mode="json")},
-    }
-    for step, result in printed.items():
-        cluster.jobs.plan(f"modelctl-{step}", JobPlan(log=f"working\n{json.dumps(result)}\n"))
+    stored = StoredArtifact(artifact_id=artifact.id, manifest_digest=manifest_digest(artifact), uri="file:///models")
+    outputs = {"quantize": artifact, "publish": stored, "preload": entry, "evaluate": report}
+    for step, output in outputs.items():
+        result = StepResult[type(output)](  # type: ignore[misc]
+            step=step, status="succeeded", started_at=datetime.now(UTC), seconds=1.0, output=output
+        )
+        cluster.jobs.plan(f"modelctl-{step}", JobPlan(log=f"working\n{result.model_dump_json()}\n"))
     try:
         yield {"cluster": cluster, "remote": remote, "tmp": tmp_path, "artifact": artifact}
     finally:
@@ -101,6 +102,7 @@ def test_staging_then_prod_walk_to_healthy(prefect_harness: None, tiny_model: Pa
     for record in (staging, prod):
         assert record["decision"] == "promoted" and record["rollout"]["final"] == "done", record["reason"]
         assert record["eval_gate"]["rows"] and record["artifact"]["id"] == artifact_id
+        assert record["artifact"]["manifest_digest"] == manifest_digest(world["artifact"]), "the same bytes"
     assert history(world, "staging") == [f"promote:{artifact_id}"]
     assert history(world, "prod") == [f"promote:{artifact_id}"]
     for env in ("staging", "prod"):
@@ -113,8 +115,10 @@ def test_staging_then_prod_walk_to_healthy(prefect_harness: None, tiny_model: Pa
     ran = sorted(
         (j["metadata"]["labels"]["modelctl.io/environment"], j["metadata"]["labels"]["modelctl.io/step"]) for j in jobs
     )
-    assert ran == [(env, step) for env in ("prod", "staging") for step in ("evaluate", "preload", "quantize")]
-    assert len(cluster.server.sent("create", "/namespaces/llm-prod/jobs")) == 4, "the refused run's Job was reused"
+    steps = ("evaluate", "preload", "publish", "quantize")
+    assert ran == [(env, step) for env in ("prod", "staging") for step in steps], "each step one Job, reused on re-run"
+    # The refused run asked for quantize and publish; the re-run asked for them again (answered 409: reused).
+    assert len(cluster.server.sent("create", "/namespaces/llm-prod/jobs")) == 6
 
 
 @pytest.mark.slow
