@@ -22,8 +22,8 @@ Clock = Callable[[], float]
 
 
 def _body(target: Target, api: str, prompt: str, max_tokens: int) -> bytes:
-    """The request body. Only standard fields: `transformers serve` rejects unknown ones."""
-    body: dict[str, Any] = {"model": target.model, "max_tokens": max_tokens, "stream": True}
+    """The request body. Only standard fields (`transformers serve` rejects unknown ones) plus the target's extras."""
+    body: dict[str, Any] = {"model": target.model, "max_tokens": max_tokens, "stream": True, **dict(target.extra_body)}
     if api == "chat":
         body["messages"] = [{"role": "user", "content": prompt}]
     else:

@@ -24,6 +24,7 @@ class Target:
     endpoint: str
     model: str
     api_key_env: str | None = None  # the variable holding a bearer token, if the endpoint needs one
+    extra_body: tuple[tuple[str, Any], ...] = ()  # engine-specific request fields, e.g. vLLM's ignore_eos
 
     def url(self, api: str) -> str:
         base = self.endpoint.rstrip("/").removesuffix("/v1")

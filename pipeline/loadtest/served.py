@@ -36,11 +36,13 @@ def measure(
     Raises:
         TransientError: the server died during the load (exit code and log tail in the message).
     """
-    target = Target(server.url, server.model)
     if server.engine != "vllm":
+        target = Target(server.url, server.model)
         report = run_load(target, profile, prompts, timeout_s=timeout_s, on_progress=on_progress)
         server.check_alive()
         return report.model_copy(update={"served_by": server.served_by})
+    # every request generates the profile's max_tokens, as production-like load does (a small model may stop at once)
+    target = Target(server.url, server.model, extra_body=(("ignore_eos", True),))
     server.check_alive()
     try:
         with observe(server.url) as seen:
