@@ -15,13 +15,17 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import httpx
 
 from pipeline.errors import TerminalError, TransientError
 from pipeline.secrets import has_credentials, redact
 from pipeline.serve import LocalServer, local_server
+
+if TYPE_CHECKING:
+    from pipeline.evaluate.report import EvalReport
+    from pipeline.evaluate.suite import Suite
 
 SERVED_BACKEND = "local-completions+local-chat-completions"
 
@@ -177,7 +181,7 @@ def run_endpoint(target: Endpoint, manager: Any, items: list[Any], samples: dict
 
 def evaluate_served(
     model_dir: Path,
-    suite: Any,
+    suite: Suite,
     *,
     values: dict[str, Any] | None = None,
     server: LocalServer | None = None,
@@ -185,12 +189,12 @@ def evaluate_served(
     log_dir: Path | None = None,
     num_concurrent: int = 4,
     use_cache: bool = True,
-) -> Any:
+) -> EvalReport:
     """Evaluate ``model_dir`` as vLLM serves it (the chart's args for ``values``): the score of the bytes and
     kernels production runs. Multiple-choice tasks go through prompt logprobs (echo + logprobs).
 
     The result is cached by the weights (artifact id or hash), the vLLM release and the chart's args, so a repeat
-    starts no server. Pass a running ``server`` (serving ``model_dir``) to reuse it. Returns an EvalReport.
+    starts no server. Pass a running ``server`` (serving ``model_dir``) to reuse it.
 
     Raises:
         TerminalError: vLLM cannot serve the artifact (its reason), or the suite is invalid.
