@@ -103,8 +103,9 @@ def clone_into(url: str, workdir: Path, branch: str, env: dict[str, str], token_
         return repo
     if workdir.exists() and any(workdir.iterdir()):
         raise TerminalError(f"{workdir} exists and is not a clone of the GitOps repo", hint="pass an empty dir")
+    for stale in workdir.parent.glob(f"{workdir.name}.cloning-*"):  # a clone killed half-way (we hold the lock)
+        shutil.rmtree(stale, ignore_errors=True)
     staging = workdir.with_name(f"{workdir.name}.cloning-{os.getpid()}")
-    shutil.rmtree(staging, ignore_errors=True)
     staging.parent.mkdir(parents=True, exist_ok=True)
     try:
         Repo.clone_from(url, staging, env=env, branch=branch)
