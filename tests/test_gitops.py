@@ -74,7 +74,8 @@ def test_promote_commits_values_and_record_with_trailers(clone: Clone, remote: P
     assert entry is not None and entry.promotion_id == p.id and entry.artifact == "qwen-awq-1"
     assert entry.eval.startswith("pass") and entry.author == "modelctl <modelctl@example.com>"
     assert repo.current("staging") is None
-    assert repo.record("prod", p.id).artifact == {"id": "qwen-awq-1", "format": "awq-w4a16"}
+    stored_artifact = repo.record("prod", p.id).artifact
+    assert stored_artifact is not None and (stored_artifact.id, stored_artifact.format) == ("qwen-awq-1", "awq-w4a16")
 
 
 def test_promoting_what_already_runs_is_a_skip_not_an_empty_commit(clone: Clone, remote: Path) -> None:
@@ -250,9 +251,8 @@ def test_revert_restores_the_previous_model_keeps_records_and_is_idempotent(clon
     assert record.decision == "reverted" and record.reverts == bad.promotion_id
 
     baseline = repo.baseline("prod")  # the next eval baseline: the model that runs again, not the reverted one
-    assert baseline is not None and baseline.id == good.promotion_id and baseline.artifact == {
-        "id": "good", "format": "awq-w4a16",
-    }  # fmt: skip
+    assert baseline is not None and baseline.id == good.promotion_id and baseline.artifact is not None
+    assert (baseline.artifact.id, baseline.artifact.format) == ("good", "awq-w4a16")
     assert repo.baseline("staging") is None
     again = repo.revert(bad.commit)  # by commit this time: already done
     assert again.skipped and again.commit == reverted.commit
