@@ -50,11 +50,14 @@ _watchdogs: dict[int, tuple[int, subprocess.Popen[bytes]]] = {}
 
 
 def _die_with(parent: int) -> Callable[[], None]:
-    """A preexec_fn: ask the kernel for SIGKILL when the parent dies; exit at once if it already has."""
+    """A preexec_fn: ask the kernel for SIGKILL when the parent dies; exit at once if it already has.
+
+    prctl is looked up here, in the parent: the forked child only calls it (no dlopen after fork).
+    """
+    prctl = ctypes.CDLL(None, use_errno=True).prctl
 
     def arm() -> None:
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+        prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
         if os.getppid() != parent:  # the parent died before prctl took effect
             os._exit(1)
 
