@@ -253,31 +253,33 @@ def test_reevaluate_rolls_back_a_live_model_that_regressed(prefect_harness: None
 
 @pytest.mark.slow
 @pytest.mark.prefect
-def test_pull_request_mode_through_modelctl_waits_then_resumes(
+def test_pull_request_mode_waits_for_the_merge_then_resumes(
     prefect_harness: None, tiny_model: Path, site: Path
 ) -> None:
-    import json
     import subprocess
 
+    from flows.promote import promote, resume
+
+    config = site / "promotion.yaml"
+    config.write_text(config.read_text().replace("{url: ./remote.git}", "{url: ./remote.git, mode: pull-request}"))
+    work = str(site / "work")
+    record = promote(str(tiny_model), "local", config=str(config), workdir=work)
+    assert record["decision"] == "waiting" and "waiting for merge" in record["reason"]
+    assert history(site) == [], "nothing on the tracked branch before the merge"
+    with pytest.raises(TerminalError, match="is not merged"):
+        resume("local", record["id"], config=str(config), workdir=work)
+    git = ["git", "--git-dir", str(site / "remote.git")]
+    subprocess.run([*git, "update-ref", "refs/heads/main", f"refs/heads/{record['branch']}"], check=True)  # merged
+    done = resume("local", record["id"], config=str(config), workdir=work)
+    assert done["decision"] == "promoted" and done["id"] == record["id"]
+    assert history(site) == [f"promote:{record['artifact']['id']}"]
+
+
+def test_modelctl_promote_needs_a_model_or_resume(site: Path) -> None:
     from typer.testing import CliRunner
 
     from flows.cli import app
 
-    config = site / "promotion.yaml"
-    config.write_text(
-        config.read_text().replace("gitops: {url: ./remote.git}", "gitops: {url: ./remote.git, mode: pull-request}")
-    )
-    common = ["--env", "local", "-c", str(config), "--workdir", str(site / "work"), "--json"]
-    first = CliRunner().invoke(app, ["promote", str(tiny_model), *common])
-    assert first.exit_code == 0, first.output
-    record = json.loads(first.output.strip().splitlines()[-1])["record"]
-    assert record["decision"] == "waiting" and "waiting for merge" in record["reason"]
-    assert history(site) == [], "nothing on the tracked branch before the merge"
-    early = CliRunner().invoke(app, ["promote", "--resume", record["id"], *common])
-    assert early.exit_code == 2 and "is not merged" in early.output
-    git = ["git", "--git-dir", str(site / "remote.git")]
-    subprocess.run([*git, "update-ref", "refs/heads/main", f"refs/heads/{record['branch']}"], check=True)
-    done = CliRunner().invoke(app, ["promote", "--resume", record["id"], *common])
-    assert done.exit_code == 0, done.output
-    assert json.loads(done.output.strip().splitlines()[-1])["record"]["decision"] == "promoted"
-    assert history(site) == [f"promote:{record['artifact']['id']}"]
+    result = CliRunner().invoke(app, ["promote", "--env", "local", "-c", str(site / "promotion.yaml")])
+    assert result.exit_code == 2 and "name the model to promote" in result.output
+    assert history(site) == []
