@@ -46,6 +46,14 @@ ENGINES: tuple[Engine, ...] = ("vllm", "transformers")
 EXTERNAL_URL = "MODELCTL_VLLM_URL"  # set in a Job's pod whose vLLM sidecar serves the step's model
 
 
+class ServerStartError(TerminalError):
+    """The server exited while starting; ``log_path`` holds its whole log (the message carries the tail)."""
+
+    def __init__(self, what: str, *, hint: str | None = None, log_path: Path) -> None:
+        self.log_path = log_path
+        super().__init__(what, hint=hint)
+
+
 @dataclass(frozen=True)
 class LocalServer:
     """A running server: its base URL, the model name requests must carry, its process id and log file, and which
@@ -222,10 +230,11 @@ def local_server(
     try:
         while not _healthy(url):
             if proc.poll() is not None:
-                raise TerminalError(
+                raise ServerStartError(
                     f"the {engine} server for {model.name} exited with code {proc.returncode} while starting; "
                     f"its log ends with:\n{log_tail(log_path)}",
                     hint=f"read the whole log at {log_path}; check the model loads with {engine}",
+                    log_path=log_path,
                 )
             if time.perf_counter() - started > startup_timeout_s:
                 raise TransientError(

@@ -31,6 +31,7 @@ from pipeline.serve import LocalServer, local_server
 from pipeline.tinymodel import default_cache_dir
 
 PROMPT = "The color of"
+_WRAPPERS = ("See root cause above", "Engine core initialization failed", "Worker failed with error")
 _ERROR_LINE = re.compile(r"\b([A-Z]\w*(?:Error|Exception)): (.+)")
 
 
@@ -76,13 +77,19 @@ def manifest_digest(artifact_dir: Path) -> str:
 def error_line(log: str) -> str:
     """vLLM's own reason from its log: the last ``SomethingError: message`` line (else the last line)."""
     lines = [line.strip() for line in log.splitlines() if line.strip()]
+    wrapper: str | None = None
     for i in range(len(lines) - 1, -1, -1):
         match = _ERROR_LINE.search(lines[i])
         if match:
             found = f"{match.group(1)}: {match.group(2)}"
             if match.group(1) == "ValidationError" and i + 1 < len(lines):  # pydantic: the reason is the next line
                 found += f": {lines[i + 1]}"
+            if any(generic in found for generic in _WRAPPERS):  # the engine's "see above": look further up
+                wrapper = wrapper or found
+                continue
             return found[:500]
+    if wrapper:
+        return wrapper[:500]
     return lines[-1][:500] if lines else "(no log)"
 
 
@@ -169,7 +176,8 @@ def verify_artifact(
                 prompt_logprobs=count, startup_s=server.startup_s, verified_at=now,
             )  # fmt: skip
     except TerminalError as exc:
-        reason = error_line(exc.what)
+        log = getattr(exc, "log_path", None)  # the whole log: the root cause is often far above its tail
+        reason = error_line(log.read_text(encoding="utf-8", errors="replace") if log else exc.what)
         refused = VerifyResult(
             digest=digest, passed=False, served_by=f"vllm {version}", args_sha256=args_sha, reason=reason,
             startup_s=round(time.perf_counter() - started, 2), verified_at=now,

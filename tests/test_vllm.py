@@ -155,7 +155,8 @@ def test_vllms_own_error_line_is_taken_from_its_log() -> None:
         "(EngineCore pid=12) ValueError: Unrecognized model in /a. Should have a `model_type` key",
         "RuntimeError: Engine core initialization failed. See root cause above.",
     ])  # fmt: skip
-    assert error_line(log) == "RuntimeError: Engine core initialization failed. See root cause above."
+    assert error_line(log) == "ValueError: Unrecognized model in /a. Should have a `model_type` key"  # the root cause
+    assert error_line(log.rsplit("\n", 2)[0] + "\n" + log.splitlines()[-1]).startswith("RuntimeError: Engine core")
     assert error_line("just one line") == "just one line" and error_line("") == "(no log)"
 
 
