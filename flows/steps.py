@@ -65,9 +65,13 @@ def step_key(context: TaskRunContext, parameters: dict[str, Any]) -> str | None:
         warm = is_warm(plan, Path(request.cache_root))
         root = hashlib.sha256(request.cache_root.encode()).hexdigest()[:12]
         return f"preload-{where}-{plan.entry_id}-{root}-{request.expected_digest}-{'warm' if warm else 'cold'}"
-    if isinstance(request, EvaluateRequest) and request.use_cache:
-        digest = hashlib.sha256(request.model_dump_json().encode()).hexdigest()[:16]
-        return f"evaluate-{where}-{digest}"
+    if isinstance(request, EvaluateRequest) and request.use_cache and Path(request.model_dir).is_dir():
+        from pipeline.evaluate import LocalWeights, load_suite
+        from pipeline.evaluate.run import cache_key, subject_of
+
+        # what was evaluated (the weights' hash, not their path), the suite's content, lm-eval's version
+        key = cache_key(subject_of(LocalWeights(Path(request.model_dir))), load_suite(request.suite), "hf")
+        return f"evaluate-{where}-{key}"
     return None
 
 
