@@ -16,6 +16,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+
 from pipeline.config import Environment
 from pipeline.errors import PipelineError, TerminalError
 from pipeline.gates import GateResult
