@@ -248,8 +248,11 @@ def promote(
         if env.approval.required:
             with run.timed("approval"):
                 hooks.approve(env_name, env.approval.timeout_s, artifact.id)
+        decision = "promoted"
+        if cfg.gitops.mode == "pull-request":  # the committed record says so until resume() finishes it
+            decision = "waiting"
         run.record = run.record.model_copy(
-            update={"decision": "promoted", "reason": "every gate passed", "timings": run.timings}
+            update={"decision": decision, "reason": "every gate passed", "timings": run.timings}
         )
         with cluster_guard(run):
             with run.timed("commit"):
@@ -259,6 +262,14 @@ def promote(
                 return _waiting(run, commit)
             _deploy(run, commit.commit, cfg.model.served_name or source.repo)
     return _finish(run)
+
+
+def waiting_for_merge(gitops: GitOps, env_name: str) -> str | None:
+    """The live promotion of ``env_name`` whose record still says it waits for its merge (merged, not resumed)."""
+    live = live_promotions(gitops.history(env_name))
+    if live and gitops.record(env_name, live[0].promotion_id).decision == "waiting":
+        return live[0].promotion_id
+    return None
 
 
 def resume(
@@ -286,7 +297,8 @@ def resume(
     if merged not in live_promotions(gitops.history(env_name)):
         raise TerminalError(f"promotion {promotion_id} was merged and then reverted: there is nothing to resume")
     stored = gitops.record(env_name, promotion_id)
-    record = stored.model_copy(update={"commit": merged.commit, "flow_run": hooks.flow_run or stored.flow_run})
+    update = {"commit": merged.commit, "flow_run": hooks.flow_run or stored.flow_run, "decision": "promoted"}
+    record = stored.model_copy(update=update)
     run = Run(cfg, env_name, gitops, hooks, record, dict(stored.timings))
     with hooks.slot(env_name), cluster_guard(run):
         served = cfg.model.served_name or (stored.model.repo if stored.model else merged.model)

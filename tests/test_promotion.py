@@ -157,6 +157,8 @@ def test_pull_request_mode_waits_for_the_merge_then_resumes(tiny_model: Path, si
         promotion.resume(cfg, "local", record.id, workdir=site / "work")
     git = ["git", "--git-dir", str(site / "remote.git")]
     subprocess.run([*git, "update-ref", "refs/heads/main", f"refs/heads/{record.branch}"], check=True)  # the merge
+    merged = GitOps.open(str(site / "remote.git"), site / "look2")
+    assert promotion.waiting_for_merge(merged, "local") == record.id, "what the watch flow resumes"
     again = Recording()
     done = promotion.resume(cfg, "local", record.id, workdir=site / "work", hooks=again)
     assert done.decision == "promoted" and done.id == record.id and done.commit == record.commit
