@@ -65,19 +65,29 @@ def _engine(engine: Engine, model: Path, profile: LoadProfile, logs: Path) -> di
     prompts = synthetic_prompts(profile.prompt_tokens, model)
     with local_server(model, engine=engine, log_dir=logs, continuous_batching=True) as server:
         rss.watch(server.pid)
-        report = measure(server, profile, prompts)
+        # the same requests for both engines (the small model stops after ~1 token on synthetic prompts)...
+        report = measure(server, profile, prompts, ignore_eos=False)
+        # ...and, on vLLM only (transformers serve has no such field), every request decoding max_tokens
+        full = measure(server, profile, prompts) if engine == "vllm" else None
     figures: dict[str, Any] = {
         "served_by": server.served_by,
         "startup_s": server.startup_s,
         "peak_rss_gib": rss.stop(),
         "output_tokens_per_s": report.output_tokens_per_s,
+        "output_tokens_mean": report.output_tokens.mean,
         "ttft_p95_ms": report.ttft_ms.p95,
-        "itl_p50_ms": report.itl_ms.p50,
+        "e2e_p95_ms": report.e2e_ms.p95,
         "errors": report.errors,
     }
-    if report.server is not None:
-        figures["server_ttft_p95_ms"] = report.server.ttft_ms.p95
-        figures["server_requests"] = report.server.requests
+    if full is not None:
+        figures["ignore_eos"] = {
+            "output_tokens_per_s": full.output_tokens_per_s,
+            "output_tokens_mean": full.output_tokens.mean,
+            "ttft_p95_ms": full.ttft_ms.p95,
+            "server_ttft_p95_ms": full.server.ttft_ms.p95 if full.server else None,
+            "server_itl_p50_ms": full.server.itl_ms.p50 if full.server else None,
+            "server_requests": full.server.requests if full.server else None,
+        }
     return figures
 
 

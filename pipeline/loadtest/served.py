@@ -30,8 +30,12 @@ def measure(
     prompts: PromptSet,
     timeout_s: float = 120.0,
     on_progress: Callable[[Progress], None] | None = None,
+    ignore_eos: bool = True,
 ) -> LoadReport:
     """Load-test ``server``; for vLLM, add its /metrics view of the window (histogram deltas, queue depth).
+
+    With vLLM and ``ignore_eos``, every request generates the profile's ``max_tokens`` (production-like load: a
+    small model may otherwise stop at once); `transformers serve` has no such field.
 
     Raises:
         TransientError: the server died during the load (exit code and log tail in the message).
@@ -41,8 +45,7 @@ def measure(
         report = run_load(target, profile, prompts, timeout_s=timeout_s, on_progress=on_progress)
         server.check_alive()
         return report.model_copy(update={"served_by": server.served_by})
-    # every request generates the profile's max_tokens, as production-like load does (a small model may stop at once)
-    target = Target(server.url, server.model, extra_body=(("ignore_eos", True),))
+    target = Target(server.url, server.model, extra_body=(("ignore_eos", True),) if ignore_eos else ())
     server.check_alive()
     try:
         with observe(server.url) as seen:
