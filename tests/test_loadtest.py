@@ -263,3 +263,19 @@ def test_a_server_gone_after_the_window_is_named_in_its_view() -> None:
             stack.close()  # the server stops inside the window
     assert seen.view is not None and seen.view.requests == 0
     assert "could not be read after the load window" in (seen.view.note or "")
+
+
+def test_the_cli_prints_the_servers_view_next_to_the_clients(tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from pipeline.cli import app
+
+    with running(Behaviour(tokens=3)) as server:
+        args = ["loadtest", "--endpoint", server.url, "--model", MODEL, "--concurrency", "2", "--duration", "30"]
+        args += ["--warmup", "0", "--max-requests", "10", "--server-metrics"]
+        shown = CliRunner().invoke(app, args)
+        as_json = CliRunner().invoke(app, [*args, "--json"])
+    assert shown.exit_code == 0, shown.output
+    assert "server: time to first token" in shown.output and "server: 10 requests in the window" in shown.output
+    view = json.loads(as_json.stdout)["report"]["server"]
+    assert view["requests"] == 10 and view["ttft_ms"]["count"] == 10
