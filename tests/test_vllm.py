@@ -170,3 +170,14 @@ def test_the_manifest_digest_follows_the_bytes(tmp_path: Path) -> None:
     listed = [{"name": "model.safetensors", "size": 3, "sha256": "0" * 64}]
     (tmp_path / "artifact.json").write_text(json.dumps({"files": listed}))
     assert manifest_digest(tmp_path) != first  # an artifact's digest comes from its manifest's file list
+
+
+def test_a_quantized_artifact_on_a_cpu_without_avx512_is_named_unservable(tmp_path: Path) -> None:
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "llama"}))
+    assert vllm.cpu_unsupported(tmp_path) is None  # unquantized: every CPU build serves it
+    (tmp_path / "config.json").write_text(json.dumps({"quantization_config": {"quant_method": "awq"}}))
+    reason = vllm.cpu_unsupported(tmp_path)
+    if "avx512f" in Path("/proc/cpuinfo").read_text():
+        assert reason is None
+    else:
+        assert reason is not None and "cpu_gemm_wna16" in reason and "AVX-512" in reason
