@@ -355,6 +355,14 @@ class Approval(Strict):
     timeout_s: PositiveFloat = 86400.0
 
 
+class GuardSettings(Strict):
+    """What `modelctl guard` does with a change to the environment's values that the pipeline did not make."""
+
+    enforce: bool = Field(
+        False, description="revert an unpinned revision or an artifact missing from the store (else: unvetted)"
+    )
+
+
 class Environment(Strict):
     """One place a model is promoted to."""
 
@@ -372,6 +380,7 @@ class Environment(Strict):
     approval: Approval = Approval()
     reevaluate: Reevaluation = Reevaluation()
     requires: list[str] = Field(default_factory=list, description="environments that must come first")
+    guard: GuardSettings = GuardSettings()
 
     @field_validator("values_file")
     @classmethod

@@ -108,6 +108,16 @@ class ArtifactSummary(BaseModel):
         )
 
 
+class GuardedChange(BaseModel):
+    """A change to an environment's values that the pipeline did not make, as `modelctl guard` found it."""
+
+    commit: str = Field(description="the commit the guard picked up")
+    author: str = Field(description="its author, as Git names them")
+    subject: str = ""
+    vetted: bool = Field(description="false: nothing could be checked (unpinned, or not in the store): unvetted")
+    fast_path: bool = Field(False, description="back to an artifact that ran here and passed: canary checks only")
+
+
 class PromotionRecord(BaseModel):
     """One promotion of one model revision to one environment: the evidence, the decision, the timings."""
 
@@ -130,6 +140,7 @@ class PromotionRecord(BaseModel):
     reverts: str | None = Field(None, description="the promotion id this record reverts, for a revert")
     flow_run: str | None = None
     timings: dict[str, float] = Field(default_factory=dict, description="seconds per step")
+    guarded: GuardedChange | None = Field(None, description="set when the guard vetted a person's change")
 
     @field_validator("model", mode="before")
     @classmethod
