@@ -7,6 +7,7 @@ fake Kubernetes API with Argo CD and Argo Rollouts simulated, reached as the pip
 
 from __future__ import annotations
 
+import json
 import subprocess
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -19,6 +20,7 @@ from cluster.argocd import default_render
 from cluster.fake import FakeCluster, rollout_manifest
 
 from pipeline.canary import deploy
+from pipeline.cli import app
 from pipeline.config import (
     ArgoCDApp,
     CanaryPolicy,
@@ -36,7 +38,7 @@ from pipeline.guard import GuardResult, guard
 from pipeline.kube import Backoff, Kube
 from pipeline.rollout import ObservedRollout
 from pipeline.store import LocalStore
-from tests.test_gitops_verify import edit, git, model, publish
+from tests.test_gitops_verify import config_text, edit, git, model, publish, runner
 
 ROOT = Path(__file__).resolve().parent.parent
 VALUES = "envs/staging/values.yaml"
@@ -212,3 +214,54 @@ def test_an_artifact_missing_from_the_store_is_reverted_when_the_environment_enf
     assert f"artifact {missing} is not in" in record.reason and commit[:12] in record.reason
     assert [e.action for e in stage.gitops.history("staging")[:2]] == ["guarded", "revert"]
     assert stage.artifact_live() == OLD
+
+
+@pytest.fixture
+def local(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> tuple[Path, Path, LocalStore]:
+    """A local environment (no cluster: the gates only), its promotion.yaml, and a person's clone of the repo."""
+    monkeypatch.setenv("MODELCTL_CACHE", str(tmp_path / "cache"))
+    remote = tmp_path / "gitops.git"
+    init_repo(remote)
+    store = LocalStore(tmp_path / "store")
+    publish(store, tmp_path / "build", GOOD, 0.97, b"good weights" * 64)
+    publish(store, tmp_path / "build", BAD, 0.30, b"damaged weights" * 64)
+    config = tmp_path / "promotion.yaml"
+    config.write_text(config_text(tmp_path, remote))
+    person = tmp_path / "person"
+    subprocess.run(["git", "clone", "-q", str(remote), str(person)], check=True)
+    return config, person, store
+
+
+def test_modelctl_guard_once_and_status_show_a_persons_change_apart(local: tuple[Path, Path, LocalStore]) -> None:
+    config, person, _ = local
+    commit = edit(person, model("awq-w4a16-g128-00000000000000d0"))  # not in the store, and enforce is off
+    git(person, "push", "-q", "origin", "HEAD:main")
+    args = ["guard", "--env", "staging", "--config", str(config), "--once"]
+    first = runner.invoke(app, [*args, "--json"])
+    assert first.exit_code == 0, first.output
+    data = json.loads(first.stdout)
+    assert data["action"] == "guarded" and data["record"]["guarded"]["vetted"] is False
+    assert data["record"]["guarded"]["commit"] == commit
+    second = runner.invoke(app, args)
+    assert second.exit_code == 0 and "no change to envs/staging/values.yaml since" in second.output
+    status = runner.invoke(app, ["status", "--config", str(config), "--json"])
+    change = json.loads(status.stdout)["environments"][0]["guarded"]
+    assert change["kind"] == "unvetted" and change["live"] and change["author"].startswith("Alice Person")
+    human = runner.invoke(app, ["status", "--config", str(config)])
+    assert f"staging runs {commit[:12]} by Alice Person" in human.output and "unvetted" in human.output
+    history = runner.invoke(app, ["history", "--env", "staging", "--config", str(config), "--json"])
+    assert [e["action"] for e in json.loads(history.stdout)["entries"]] == ["unvetted"]
+
+
+def test_a_persons_commit_the_gate_refuses_is_reverted_here_too(local: tuple[Path, Path, LocalStore]) -> None:
+    config, person, _ = local
+    commit = edit(person, model(BAD))
+    git(person, "push", "-q", "origin", "HEAD:main")
+    result = runner.invoke(app, ["guard", "--env", "staging", "--config", str(config), "--once"])
+    assert result.exit_code == 0, result.output
+    assert "reverted" in result.output and "eval gate fail" in result.output and commit[:12] in result.output
+    history = json.loads(runner.invoke(app, ["history", "-e", "staging", "-c", str(config), "--json"]).stdout)
+    assert [e["action"] for e in history["entries"]] == ["guarded", "revert"]
+    assert "Alice Person" in history["entries"][1]["subject"]
+    status = json.loads(runner.invoke(app, ["status", "--config", str(config), "--json"]).stdout)
+    assert status["environments"][0]["guarded"]["live"] is False, "what runs is the state before the person's commit"

@@ -29,7 +29,9 @@ def _options(debug: DebugFlag = False) -> None:
 # Command areas, in the order `modelctl --help` lists them. Add a module here to add its commands.
 # The commands that run Prefect flows (promote, rollback, approve) are added by flows/cli.py, which composes
 # this app with them: `pipeline` itself never imports Prefect or flows/.
-AREAS = ("config", "tinymodel", "artifacts", "gitops", "verify", "lease", "loadtest", "evaluate", "status", "step")
+AREAS = (
+    "config", "tinymodel", "artifacts", "gitops", "verify", "lease", "loadtest", "evaluate", "status", "guard", "step",
+)  # fmt: skip
 
 for _area in AREAS:
     import_module(f"pipeline.cli.{_area}").register(app)

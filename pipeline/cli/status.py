@@ -62,6 +62,7 @@ def status(
                 "rollout": None,
                 "in_flight": None,
                 "dangling": None,
+                "guarded": guarded_change(gitops, name, history),
             }
             environment = cfg.environments[name]
             if environment.executor == "kubernetes":
@@ -74,9 +75,16 @@ def status(
     for row in rows:
         if row.get("dangling"):
             out.print(f"[bold red]![/] {row['dangling']}")
+        change = row.get("guarded")
+        if change and change["live"]:
+            mark = "[bold yellow]![/]" if change["kind"] == "unvetted" else "[cyan]g[/]"
+            out.print(f"{mark} {row['env']} runs {change['description']}", highlight=False)
     cells = []
     for row in rows:
         current = row["current"]
+        change = row.get("guarded")
+        if change and change["live"]:  # a person's change runs now, not the pipeline's last promotion
+            current = change["entry"]
         cells.append([
             row["env"],
             model_ref(current["model"], current["revision"], wide) if current else "-",
@@ -87,6 +95,32 @@ def status(
         ])  # fmt: skip
     headers = ["environment", "running", "artifact", "commit", "rollout", "in flight"]
     out.print(fit_table(headers, cells, {"running": 18, "rollout": 10, "in flight": 10}, wide))  # 100 columns
+
+
+def guarded_change(gitops: Any, env: str, history: list[Any]) -> dict[str, Any] | None:
+    """The newest change the guard picked up in ``env`` (a person's commit, vetted or unvetted), when it is still
+    what runs: no pipeline promotion or revert came after it and the guard did not revert it. None otherwise."""
+    from pipeline.gitops.guarded import GUARD_ACTIONS, record_at
+
+    entry = next((e for e in history if e.action in GUARD_ACTIONS), None)
+    if entry is None:
+        return None
+    record = record_at(gitops, entry.commit, env, entry.promotion_id)
+    if record is None or record.guarded is None:
+        return None
+    later = [e for e in history[: history.index(entry)] if e.action not in GUARD_ACTIONS]
+    live = record.decision != "reverted" and not later
+    change = record.guarded
+    kind = entry.action
+    how = record.reason if kind == "unvetted" else "vetted by the guard" + (" (fast path)" if change.fast_path else "")
+    description = (
+        f"{change.commit[:12]} by {change.author}, a change the pipeline did not make, {how} (record {record.id})"
+    )
+    return {
+        "kind": kind, "live": live, "promotion_id": record.id, "commit": change.commit, "author": change.author,
+        "decision": record.decision, "reason": record.reason, "fast_path": change.fast_path,
+        "description": description, "entry": {**dataclasses.asdict(entry), "commit": change.commit},
+    }  # fmt: skip
 
 
 def dangling(row: dict[str, Any], env: str) -> str | None:
