@@ -265,3 +265,17 @@ def test_a_persons_commit_the_gate_refuses_is_reverted_here_too(local: tuple[Pat
     assert "Alice Person" in history["entries"][1]["subject"]
     status = json.loads(runner.invoke(app, ["status", "--config", str(config), "--json"]).stdout)
     assert status["environments"][0]["guarded"]["live"] is False, "what runs is the state before the person's commit"
+
+
+@pytest.mark.prefect
+def test_the_guard_flow_vets_each_environment_once(prefect_harness: None, local: tuple[Path, Path, LocalStore]) -> None:
+    from flows.guard_flow import guard as guard_flow
+
+    config, person, _ = local
+    edit(person, model(GOOD))
+    git(person, "push", "-q", "origin", "HEAD:main")
+    [first] = guard_flow(config=str(config))
+    assert first["action"] == "guarded" and first["record"], first
+    assert first["reason"] == "every gate passed"
+    [second] = guard_flow(config=str(config))
+    assert second["action"] == "nothing" and second["record"] is None
