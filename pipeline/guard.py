@@ -33,6 +33,7 @@ from pipeline.gitops import GitOps
 from pipeline.gitops.commits import live_promotions
 from pipeline.gitops.guarded import (
     ValuesCommit,
+    changes_model,
     last_guarded,
     made_by_pipeline,
     record_at,
@@ -129,13 +130,13 @@ def _candidate(world: World) -> ValuesCommit | str:
     """The change to guard, or why there is none."""
     tip = world.gitops.sync()
     since = last_guarded(world.gitops, world.env_name)
-    changes = values_commits(world.gitops, world.env.values_file, since)
-    if not changes:
-        return f"no change to {world.env.values_file} since {(since or tip)[:12]}"
-    newest = changes[0]
-    if made_by_pipeline(world.gitops, world.env_name, newest.commit):
-        return f"the newest change to {world.env.values_file} ({newest.commit[:12]}) is the pipeline's"
-    return newest
+    values_file = world.env.values_file
+    for change in values_commits(world.gitops, values_file, since):
+        if made_by_pipeline(world.gitops, world.env_name, change.commit):
+            return f"the newest change to {values_file} ({change.commit[:12]}) is the pipeline's"
+        if changes_model(world.gitops, change.commit, values_file):
+            return change
+    return f"no change to the model in {values_file} since {(since or tip)[:12]}"
 
 
 @contextmanager
@@ -312,7 +313,14 @@ def _canary(world: World, record: PromotionRecord, why: str) -> PromotionRecord:
     served = world.cfg.model.served_name or str(get_key(values, "model.servedName") or get_key(values, "model.repo"))
     check = world.check or canary_checks(world.env_name, world.env, served)
     tip = world.gitops.sync()  # Argo CD applies the branch's tip, which carries this change
-    outcome = deploy(world.kube, world.gitops, world.env_name, world.env, tip, record.guarded.commit, check)
+    commit, kube = record.guarded.commit, world.kube
+    try:
+        outcome = deploy(kube, world.gitops, world.env_name, world.env, tip, commit, check)
+    except Exception as exc:  # as a promotion does: anything that breaks the walk reverts before it propagates
+        from pipeline.canary import revert
+
+        revert(kube, world.gitops, world.env_name, world.env, commit, f"guard failed on {_who(record)}: {exc}"[:300])
+        raise
     if outcome.final == "done":
         update = {"decision": "promoted", "reason": f"{why}; canary: {outcome.reason}", "rollout": outcome}
     else:

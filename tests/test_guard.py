@@ -243,7 +243,7 @@ def test_modelctl_guard_once_and_status_show_a_persons_change_apart(local: tuple
     assert data["action"] == "guarded" and data["record"]["guarded"]["vetted"] is False
     assert data["record"]["guarded"]["commit"] == commit
     second = runner.invoke(app, args)
-    assert second.exit_code == 0 and "no change to envs/staging/values.yaml since" in second.output
+    assert second.exit_code == 0 and "no change to the model in envs/staging/values.yaml since" in second.output
     status = runner.invoke(app, ["status", "--config", str(config), "--json"])
     change = json.loads(status.stdout)["environments"][0]["guarded"]
     assert change["kind"] == "unvetted" and change["live"] and change["author"].startswith("Alice Person")
@@ -279,3 +279,21 @@ def test_the_guard_flow_vets_each_environment_once(prefect_harness: None, local:
     assert first["reason"] == "every gate passed"
     [second] = guard_flow(config=str(config))
     assert second["action"] == "nothing" and second["record"] is None
+
+
+def test_the_merge_of_a_pipeline_pull_request_is_the_pipelines_and_a_fresh_repo_has_nothing_to_guard(
+    local: tuple[Path, Path, LocalStore], tmp_path: Path
+) -> None:
+    config, person, _ = local
+    args = ["guard", "--env", "staging", "--config", str(config), "--once", "--json"]
+    fresh = json.loads(runner.invoke(app, args).stdout)
+    assert fresh["action"] == "nothing", "the template's first commit changes nothing that ran before"
+    remote = tmp_path / "gitops.git"
+    pipeline = GitOps.open(str(remote), tmp_path / "pr-work", mode="pull-request")
+    promotion = Promotion(env="staging", model="org/model", revision="b" * 40, artifact=GOOD, format="awq-w4a16")
+    branch = pipeline.promote(promotion, VALUES).branch
+    git(person, "fetch", "-q", "origin", f"{branch}:refs/remotes/origin/{branch}")
+    git(person, "merge", "-q", "--no-ff", "-m", "Merge pull request #7", f"origin/{branch}")
+    git(person, "push", "-q", "origin", "HEAD:main")
+    merged = json.loads(runner.invoke(app, args).stdout)
+    assert merged["action"] == "nothing" and "is the pipeline's" in merged["reason"], merged

@@ -41,9 +41,9 @@ def _git(gitops: GitOps, *args: str) -> str:
 
 def values_commits(gitops: GitOps, values_file: str, since: str | None) -> list[ValuesCommit]:
     """Commits on the branch (first parents: a merge counts as one change) that changed ``values_file``, newest
-    first: those after ``since``, or only the newest when ``since`` is None or no longer on the branch."""
+    first: those after ``since``, or the newest few when ``since`` is None or no longer on the branch."""
     tip = f"refs/remotes/origin/{gitops.branch}"
-    span = ["-n", "1", tip]
+    span = ["-n", "20", tip]
     if since:
         try:
             gitops.repo.git.execute(["git", "merge-base", "--is-ancestor", since, tip])
@@ -56,6 +56,16 @@ def values_commits(gitops: GitOps, values_file: str, since: str | None) -> list[
         commit, author, subject = [*line.split("\x1f"), "", ""][:3]
         found.append(ValuesCommit(commit, author, subject))
     return found
+
+
+def changes_model(gitops: GitOps, commit: str, values_file: str) -> bool:
+    """True when ``commit`` changed the ``model`` values against its first parent (a repository's first commit,
+    which creates the file, changes nothing that ran before)."""
+    parents = _git(gitops, "rev-list", "--parents", "-n", "1", commit).split()[1:]
+    if not parents:
+        return False
+    before, after = values_at(gitops, parents[0], values_file), values_at(gitops, commit, values_file)
+    return bool(before.get("model") != after.get("model"))
 
 
 def values_at(gitops: GitOps, commit: str, values_file: str) -> dict[str, Any]:
@@ -122,13 +132,20 @@ def write_guard_record(gitops: GitOps, record: PromotionRecord, trailers: dict[s
     """
     if record.guarded is None:
         raise TerminalError(f"record {record.id} is not a guard's record")
+    # The record goes straight to the branch, also in pull-request mode: it changes nothing Argo CD renders, and
+    # the guard reads its last guarded commit back from it.
     action = "guarded" if record.guarded.vetted else "unvetted"
     subject = one_line(f"{action}({record.env}): {record.guarded.commit[:12]} by {record.guarded.author}")
     full = {"Promotion-Id": record.id, "Environment": record.env, "Action": action, **trailers}
     name = f"{RECORDS}/{record.env}/{record.id}.json"
     with gitops.lock.held():
         gitops.sync()
-        return gitops.publish(_prepare(gitops, record.env, record.id, {name: record.to_json()}, subject, full))
+        pending = _prepare(gitops, record.env, record.id, {name: record.to_json()}, subject, full)
+        mode, gitops.mode = gitops.mode, "push"
+        try:
+            return gitops.publish(pending)
+        finally:
+            gitops.mode = mode
 
 
 def _prepare(
