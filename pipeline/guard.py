@@ -330,14 +330,13 @@ def _canary(world: World, record: PromotionRecord, why: str) -> PromotionRecord:
 
 
 def _write(world: World, record: PromotionRecord) -> PromotionRecord:
-    """Commit the guarded record; its trailers make history show the change apart from the pipeline's own."""
-    artifact = record.artifact
-    trailers = {
-        "Model": record.model.repo if record.model else "", "Revision": record.model.sha if record.model else "",
-        "Artifact": artifact.id if artifact else "", "Format": artifact.format if artifact else "",
-        "Eval": record.eval_gate.summary() if record.eval_gate else "", "Reason": record.reason,
-        "Guarded-Commit": record.commit or "",
-    }  # fmt: skip
+    """Commit the guarded record. Its trailers name what runs after it, as a revert's do (the values before the
+    person's commit when it was reverted), so history's newest entry always says what runs."""
+    now = values_at(world.gitops, world.gitops.sync(), world.env.values_file)
+    keys = {"Model": "model.repo", "Revision": "model.revision", "Artifact": "model.artifact", "Format": "model.format"}
+    trailers = {trailer: str(get_key(now, key) or "") for trailer, key in keys.items()}
+    eval_line = record.eval_gate.summary() if record.eval_gate else ""
+    trailers |= {"Eval": eval_line, "Reason": record.reason, "Guarded-Commit": record.commit or ""}
     result = write_guard_record(world.gitops, record, trailers)
     if not result.pushed and not result.skipped:
         raise TerminalError(f"the guard's record {record.id} was not pushed", hint="run the guard again")

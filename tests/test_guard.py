@@ -262,6 +262,7 @@ def test_a_persons_commit_the_gate_refuses_is_reverted_here_too(local: tuple[Pat
     assert "reverted" in result.output and "eval gate fail" in result.output and commit[:12] in result.output
     history = json.loads(runner.invoke(app, ["history", "-e", "staging", "-c", str(config), "--json"]).stdout)
     assert [e["action"] for e in history["entries"]] == ["guarded", "revert"]
+    assert history["entries"][0]["artifact"] != BAD, "the newest entry names what runs after the revert"
     assert "Alice Person" in history["entries"][1]["subject"]
     status = json.loads(runner.invoke(app, ["status", "--config", str(config), "--json"]).stdout)
     assert status["environments"][0]["guarded"]["live"] is False, "what runs is the state before the person's commit"
@@ -297,3 +298,25 @@ def test_the_merge_of_a_pipeline_pull_request_is_the_pipelines_and_a_fresh_repo_
     git(person, "push", "-q", "origin", "HEAD:main")
     merged = json.loads(runner.invoke(app, args).stdout)
     assert merged["action"] == "nothing" and "is the pipeline's" in merged["reason"], merged
+
+
+def test_an_unpinned_revision_is_unvetted_or_reverted_when_the_environment_enforces(
+    local: tuple[Path, Path, LocalStore], tmp_path: Path
+) -> None:
+    config, person, _ = local
+    args = ["guard", "--env", "staging", "--config", str(config), "--once", "--json"]
+    edit(person, {"model.revision": "main", "model.artifact": GOOD, "model.repo": "org/model"})
+    git(person, "push", "-q", "origin", "HEAD:main")
+    loose = json.loads(runner.invoke(app, args).stdout)["record"]
+    assert loose["decision"] == "skipped" and "unvetted: model.revision 'main' is not a pinned" in loose["reason"]
+
+    config.write_text(config_text(tmp_path, tmp_path / "gitops.git", extra="    guard: {enforce: true}\n"))
+    git(person, "pull", "-q", "--rebase")
+    commit = edit(person, {"model.revision": "v2"}, message="try v2")
+    git(person, "push", "-q", "origin", "HEAD:main")
+    enforced = json.loads(runner.invoke(app, args).stdout)["record"]
+    assert enforced["decision"] == "reverted" and "model.revision 'v2' is not a pinned" in enforced["reason"]
+    assert commit[:12] in enforced["reason"] and "Alice Person" in enforced["reason"]
+    git(person, "pull", "-q", "--rebase")
+    values = yaml.safe_load((person / VALUES).read_text())
+    assert values["model"]["revision"] == "main", "back to the values before the person's commit"
