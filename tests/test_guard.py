@@ -320,3 +320,11 @@ def test_an_unpinned_revision_is_unvetted_or_reverted_when_the_environment_enfor
     git(person, "pull", "-q", "--rebase")
     values = yaml.safe_load((person / VALUES).read_text())
     assert values["model"]["revision"] == "main", "back to the values before the person's commit"
+
+
+def test_a_persons_change_that_leaves_the_model_alone_is_not_guarded(local: tuple[Path, Path, LocalStore]) -> None:
+    config, person, _ = local
+    edit(person, {"replicas": 2}, message="scale staging")
+    git(person, "push", "-q", "origin", "HEAD:main")
+    result = json.loads(runner.invoke(app, ["guard", "-e", "staging", "-c", str(config), "--once", "--json"]).stdout)
+    assert result["action"] == "nothing" and "no change to the model" in result["reason"]
