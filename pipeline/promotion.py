@@ -214,13 +214,17 @@ def promote(
             source=source, recipe=recipe, backend=chosen, out_root=str(artifacts_root(env)), policy=policy
         )
         artifact: Artifact = run.step(quantize)
-        stored: StoredArtifact = run.step(PublishRequest(artifact_dir=artifact.path))
+        stored: StoredArtifact = run.step(PublishRequest(artifact_dir=artifact.path, store=cfg.artifacts))
         run.record = run.record.model_copy(
             update={"model": source, "artifact": ArtifactSummary.of(artifact, stored.manifest_digest, stored.uri)}
         )
         check_requires(run.gitops, env_name, env, stored)
         preload = PreloadRequest(
-            artifact_dir=artifact.path, cache_root=env.cache.root, expected_digest=stored.manifest_digest
+            artifact_dir=artifact.path,
+            cache_root=env.cache.root,
+            expected_digest=stored.manifest_digest,
+            store=cfg.artifacts,
+            artifact_id=artifact.id,
         )
         entry = run.step(preload)
         gates = judge(run, entry.path)

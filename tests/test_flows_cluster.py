@@ -48,7 +48,8 @@ def world(tmp_path: Path, quantized: Callable[[str, str], Artifact], monkeypatch
     artifact = quantized("llmcompressor", "gptq")
     entry = preload(Path(artifact.path), tmp_path / "pvc")
     report = evaluate(LocalWeights(Path(entry.path)), load_suite("smoke"))
-    stored = StoredArtifact(artifact_id=artifact.id, manifest_digest=manifest_digest(artifact), uri="file:///models")
+    digest = manifest_digest(artifact)
+    stored = StoredArtifact(artifact_id=artifact.id, manifest_digest=digest, uri="file:///models", files=artifact.files)
     outputs = {"quantize": artifact, "publish": stored, "preload": entry, "evaluate": report}
     for step, output in outputs.items():
         result = StepResult[type(output)](  # type: ignore[misc]

@@ -99,7 +99,9 @@ def test_local_environment_cannot_run_jobs(tmp_path: Path) -> None:
 
 
 def test_job_result_is_read_typed_from_its_log(kube: Kube, cluster: FakeCluster) -> None:
-    stored = StoredArtifact(artifact_id="awq-w4a16-g128-0123456789abcdef", manifest_digest="sha256:ab", uri="file:///x")
+    stored = StoredArtifact(
+        artifact_id="awq-w4a16-g128-0123456789abcdef", manifest_digest="sha256:" + "ab" * 32, uri="file:///x", files=[]
+    )
     result = StepResult[StoredArtifact](
         step="publish", status="succeeded", started_at=datetime.now(UTC), seconds=1.5, output=stored
     )

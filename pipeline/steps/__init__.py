@@ -29,9 +29,10 @@ from pipeline.steps.base import StepFailure, StepRequest, StepResult, failed, ti
 from pipeline.steps.evaluate import EvaluateRequest
 from pipeline.steps.loadtest import LoadTestRequest
 from pipeline.steps.preload import PreloadRequest
-from pipeline.steps.publish import PublishRequest, StoredArtifact, manifest_digest
+from pipeline.steps.publish import PublishRequest, manifest_digest
 from pipeline.steps.quantize import QuantizeRequest
 from pipeline.steps.resolve import ResolveRequest, source_policy
+from pipeline.store import StoredArtifact
 
 AnyRequest = Annotated[
     ResolveRequest | QuantizeRequest | PublishRequest | PreloadRequest | EvaluateRequest | LoadTestRequest,
