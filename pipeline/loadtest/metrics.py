@@ -131,11 +131,15 @@ def observe(base_url: str, interval_s: float = 0.5) -> Iterator[Observation]:
     stop = threading.Event()
 
     def sample() -> None:
-        while not stop.wait(interval_s):
+        # The first sample is taken at once: on a busy machine a short window may otherwise end before the
+        # first interval does, leaving no queue reading at all.
+        while True:
             try:
                 obs.gauges.append(scrape(url, timeout_s=2.0))
             except httpx.HTTPError:
                 return  # the server is gone; the load's own errors say so
+            if stop.wait(interval_s):
+                return
 
     sampler = threading.Thread(target=sample, name="metrics-sampler", daemon=True)
     sampler.start()
