@@ -8,6 +8,7 @@ the Prefect server at PREFECT_API_URL when it is set, else against Prefect's emb
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -26,10 +27,88 @@ WorkdirOption = Annotated[
 __all__ = ["app", "main"]
 
 
-def _show_record(record: dict[str, Any]) -> None:
+STEP_OUTCOME = {"succeeded": "done", "skipped": "reused (already done)", "failed": "failed", "done": "done"}
+DECISION_MARK = {"promoted": "✓", "waiting": "…", "skipped": "=", "rejected": "✗", "reverted": "✗"}
+
+
+def _summary(record: dict[str, Any]) -> list[str]:
+    """The finished promotion for a terminal: the decision and why, then one line per fact (no markdown)."""
     from pipeline.record import PromotionRecord
 
-    out.print(PromotionRecord.model_validate(record).markdown(), markup=False, highlight=False)
+    rec = PromotionRecord.model_validate(record)
+    lines = [f"{DECISION_MARK.get(rec.decision, '•')} {rec.decision}: promotion {rec.id} to {rec.env}"]
+    if rec.reason:
+        lines.append(f"  why       {rec.reason}")
+    if rec.model is not None:
+        lines.append(f"  model     {rec.model.ref}")
+    if rec.artifact is not None:
+        lines.append(f"  artifact  {rec.artifact.id} ({rec.artifact.format or '-'})")
+        if rec.artifact.manifest_digest:
+            lines.append(f"  bytes     {rec.artifact.manifest_digest}")
+    if rec.commit:
+        lines.append(f"  commit    {rec.commit[:12]}")
+    for label, gate in (("eval", rec.eval_gate), ("latency", rec.load_gate)):
+        if gate is not None:
+            lines.append(f"  {label:<9} {gate.summary()}")
+    if rec.rollout is not None:
+        lines.append(f"  canary    {rec.rollout.final}: {rec.rollout.reason}")
+    if rec.branch:
+        lines.append(f"  branch    {rec.branch}")
+    return lines
+
+
+def _checked(config: Path, env: str, ids: dict[str, str | None]) -> None:
+    """Everything a promotion takes from its arguments and its configuration, checked before any heavy work and
+    before Prefect starts: a failure here has built, started and written nothing.
+
+    Raises:
+        TerminalError: no --env, a malformed id, an unknown environment; ConfigError: a missing or invalid
+            configuration, an unknown eval suite, a values file missing from the GitOps repo (the file named).
+    """
+    import re
+
+    from pipeline import preflight
+    from pipeline.config import load_config
+    from pipeline.record import PROMOTION_ID_PATTERN
+
+    if not env:
+        raise TerminalError("--env is required", hint="name an environment of promotion.yaml: --env staging")
+    for option, value in ids.items():
+        if value is not None and not re.fullmatch(PROMOTION_ID_PATTERN, value):
+            raise TerminalError(
+                f"{option} {value!r} is not a promotion id (16 characters: digits and a-z without i, l, o, u)",
+                hint="copy the id from `modelctl history`" + (", or leave --id out" if option == "--id" else ""),
+            )
+    cfg = load_config(config)
+    if env not in cfg.environments:
+        known = ", ".join(sorted(cfg.environments)) or "none"
+        raise TerminalError(
+            f"{config}: no environment {env!r} (known: {known})", hint="pass --env with one of the environments"
+        )
+    preflight.check(cfg, str(config))
+
+
+def _run_promotion(as_json: bool, start: Callable[[], dict[str, Any]]) -> dict[str, Any]:
+    """Run ``start`` with everything the libraries print sent to a per-run log (its path printed first), one
+    line per step on the terminal as it ends, and the summary; on failure the log's tail."""
+    from pipeline.config import cache_home
+    from pipeline.promotion import listening
+    from pipeline.runlog import run_log
+
+    with run_log(cache_home() / "logs", name="promote", on_stderr=as_json) as log:
+
+        def on_step(step: str, status: str) -> None:
+            if status == "started":
+                log.step_started(step)
+            else:
+                log.step_done(step, status, detail=STEP_OUTCOME.get(status, status))
+
+        with listening(on_step):
+            record = start()
+        if not as_json:
+            for line in _summary(record):
+                log.print(log.fit(line))
+    return record
 
 
 def promote(
@@ -53,33 +132,41 @@ def promote(
 
     In pull-request mode it stops once the branch is pushed ("waiting for merge"); `--resume ID` finishes it.
     """
-    from flows.promote import promote as flow
-    from flows.promote import resume as resume_flow
+
+    def flow(*args: Any, **kwargs: Any) -> dict[str, Any]:  # imports Prefect only once the input is checked
+        from flows.promote import promote
+
+        return promote(*args, **kwargs)
+
+    def resume_flow(*args: Any, **kwargs: Any) -> dict[str, Any]:
+        from flows.promote import resume
+
+        return resume(*args, **kwargs)
 
     where = str(workdir) if workdir else None
     with errors(as_json):
-        if not env:
-            raise TerminalError("--env is required", hint="name an environment of promotion.yaml: --env staging")
-        if resume:
-            record = resume_flow(env, resume, config=str(config), workdir=where)
-        elif ref is None:
+        if not resume and ref is None:
             raise TerminalError(
                 "name the model to promote (REF), or --resume ID", hint="modelctl promote ORG/NAME@REV --env ENV"
             )
+        _checked(config, env, {"--id": promotion_id, "--resume": resume})
+        if resume:
+            record = _run_promotion(as_json, lambda: resume_flow(env, resume, config=str(config), workdir=where))
         else:
-            record = flow(
-                ref,
-                env,
-                config=str(config),
-                method=method,
-                backend=backend,
-                promotion_id=promotion_id,
-                workdir=where,
+            record = _run_promotion(
+                as_json,
+                lambda: flow(
+                    str(ref),
+                    env,
+                    config=str(config),
+                    method=method,
+                    backend=backend,
+                    promotion_id=promotion_id,
+                    workdir=where,
+                ),
             )
     if as_json:
         emit_json({"ok": True, "record": record})
-        return
-    _show_record(record)
 
 
 def rollback(

@@ -89,6 +89,27 @@ class Hooks:
         """Called before each step (``started``) and after it (its status)."""
 
 
+Listener = Callable[[str, str], None]
+_listeners: list[Listener] = []
+
+
+@contextmanager
+def listening(listener: Listener) -> Iterator[None]:
+    """Tell ``listener(step, status)`` of each step of the promotions this process runs in the block (``started``,
+    then its status), whatever hooks wrap them: how a CLI prints one line per step while a flow runs them."""
+    _listeners.append(listener)
+    try:
+        yield
+    finally:
+        _listeners.remove(listener)
+
+
+def _tell(hooks: Hooks, step: str, status: str) -> None:
+    hooks.progress(step, status)
+    for listener in list(_listeners):
+        listener(step, status)
+
+
 @dataclass
 class Run:
     """One promotion in progress: the typed configuration it was started with, and what it has found so far."""
@@ -106,10 +127,14 @@ class Run:
 
     def step(self, request: AnyRequest) -> Any:
         """Run a step through the hooks where the environment runs it; returns its typed output."""
-        self.hooks.progress(request.step, "started")
-        result = self.hooks.step(request, self._execute)
+        _tell(self.hooks, request.step, "started")
+        try:
+            result = self.hooks.step(request, self._execute)
+        except BaseException:
+            _tell(self.hooks, request.step, "failed")
+            raise
         self.timings[request.step] = result.seconds
-        self.hooks.progress(request.step, result.status)
+        _tell(self.hooks, request.step, result.status)
         return result.value()
 
     def _execute(self, request: AnyRequest) -> StepResult[Any]:
@@ -123,10 +148,14 @@ class Run:
     @contextmanager
     def timed(self, name: str) -> Iterator[None]:
         started = time.perf_counter()
+        _tell(self.hooks, name, "started")
+        status = "failed"
         try:
             yield
+            status = "done"
         finally:
             self.timings[name] = round(time.perf_counter() - started, 3)
+            _tell(self.hooks, name, status)
 
 
 def artifacts_root(env: Environment) -> Path:
@@ -218,6 +247,9 @@ def promote(
         run.record = run.record.model_copy(
             update={"model": source, "artifact": ArtifactSummary.of(artifact, stored.manifest_digest, stored.uri)}
         )
+        running = already_live(run.gitops, env_name, artifact.id, stored.manifest_digest)
+        if running is not None:  # the same bytes run there now: nothing to measure, nothing to commit
+            return _already_runs(run, running)
         check_requires(run.gitops, env_name, env, stored)
         preload = PreloadRequest(
             artifact_dir=artifact.path,
@@ -266,6 +298,34 @@ def promote(
                 return _waiting(run, commit)
             _deploy(run, commit.commit, cfg.model.served_name or source.repo)
     return _finish(run)
+
+
+def already_live(gitops: GitOps, env_name: str, artifact_id: str, digest: str) -> PromotionRecord | None:
+    """The record of the promotion that runs ``artifact_id`` as these bytes (manifest ``digest``) in ``env_name``
+    now, per the GitOps history; None when anything else (or nothing, or a merge still waited for) runs there."""
+    gitops.sync()
+    live = live_promotions(gitops.history(env_name))
+    if not live or live[0].artifact != artifact_id:
+        return None
+    record = gitops.record(env_name, live[0].promotion_id)
+    seen = record.artifact.manifest_digest if record.artifact else None
+    if record.decision != "promoted" or seen != digest:
+        return None
+    return record.model_copy(update={"commit": record.commit or live[0].commit})
+
+
+def _already_runs(run: Run, running: PromotionRecord) -> PromotionRecord:
+    """A repeat of what already runs: a skip that keeps the running promotion's id, commit and evidence."""
+    commit = (running.commit or "-")[:12]
+    reason = (
+        f"{run.env_name} already runs {running.artifact.id if running.artifact else '-'} with these bytes "
+        f"(promotion {running.id}, commit {commit}): nothing was measured or committed"
+    )
+    run.record = running.model_copy(
+        update={"decision": "skipped", "reason": reason, "timings": run.timings, "flow_run": run.hooks.flow_run or None}
+    )
+    run.hooks.report(run.record, run.env)
+    return run.record
 
 
 def waiting_for_merge(gitops: GitOps, env_name: str) -> str | None:

@@ -37,9 +37,9 @@ TAIL_LINES = 20
 Clock = Callable[[], float]
 
 
-def _terminal() -> tuple[IO[str], bool]:
-    """A text handle on where stdout goes now, that survives fd 1 being pointed elsewhere; and whether we own it."""
-    stream = sys.stdout
+def _terminal(stream: Any) -> tuple[IO[str], bool]:
+    """A text handle on where ``stream`` goes now, that survives fd 1/2 being pointed elsewhere; and whether we
+    own it."""
     try:
         fd = stream.fileno()
     except (AttributeError, OSError, ValueError, io.UnsupportedOperation):
@@ -74,6 +74,10 @@ class RunLog:
         """Erase the spinner line (a terminal only)."""
         if self.live:
             self.terminal.write("\r\x1b[2K")
+
+    def fit(self, line: str) -> str:
+        """``line`` cut to the terminal's width (ending in an ellipsis when cut)."""
+        return self._fit(line)
 
     def _fit(self, line: str) -> str:
         return line if len(line) <= self.width else line[: self.width - 1] + "…"
@@ -149,15 +153,21 @@ class RunLog:
 
 @contextmanager
 def run_log(
-    directory: Path, *, name: str = "run", clock: Clock = time.monotonic, live: bool | None = None
+    directory: Path,
+    *,
+    name: str = "run",
+    clock: Clock = time.monotonic,
+    live: bool | None = None,
+    on_stderr: bool = False,
 ) -> Iterator[RunLog]:
     """Send everything printed in the block (fd 1 and 2, this process and its children) to a new log file in
-    ``directory``; yield the :class:`RunLog` that prints steps on the terminal. On an exception the terminal
-    shows the log's tail, then the exception goes on."""
+    ``directory``; yield the :class:`RunLog` that prints steps on the terminal (on stderr with ``on_stderr``, so
+    that stdout carries a command's JSON alone). On an exception the terminal shows the log's tail, then the
+    exception goes on."""
     directory.mkdir(parents=True, exist_ok=True)
     stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%S")
     path = directory / f"{name}-{stamp}-{os.getpid()}.log"
-    terminal, owned = _terminal()
+    terminal, owned = _terminal(sys.stderr if on_stderr else sys.stdout)
     saved_streams: tuple[Any, Any] = (sys.stdout, sys.stderr)
     for stream in saved_streams:
         _flush(stream)
