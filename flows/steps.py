@@ -45,7 +45,7 @@ def only_transient(task: Task[..., Any], task_run: TaskRun, state: State[Any]) -
 
 
 RETRIES: dict[str, Any] = {"retries": 3, "retry_delay_seconds": [2, 10, 30], "retry_condition_fn": only_transient}
-TIMEOUT_S = {"resolve": 300, "publish": 3600, "loadtest": 3600}
+TIMEOUT_S = {"resolve": 300, "publish": 3600, "verify": 1800, "loadtest": 3600}
 
 
 def step_key(context: TaskRunContext, parameters: dict[str, Any]) -> str | None:
@@ -71,7 +71,8 @@ def step_key(context: TaskRunContext, parameters: dict[str, Any]) -> str | None:
 
         # what was evaluated (the weights' hash, not their path), the suite's content, lm-eval's version
         key = cache_key(subject_of(LocalWeights(Path(request.model_dir))), load_suite(request.suite), "hf")
-        return f"evaluate-{where}-{key}"
+        values = hashlib.sha256(repr(sorted((request.values or {}).items())).encode()).hexdigest()[:12]
+        return f"evaluate-{where}-{key}-{request.engine or 'in-process'}-{values}"  # the engine that served it too
     return None
 
 

@@ -23,9 +23,9 @@ from pipeline.steps import AnyRequest, StepResult, parse_result, run
 if TYPE_CHECKING:
     from pipeline.kube import Kube
 
-GPU_STEPS = ("quantize", "evaluate")
+GPU_STEPS = ("quantize", "verify", "evaluate")
 SERVED_STEPS = ("verify", "evaluate", "loadtest")  # vLLM runs beside them in the Job's pod (pipeline/vllm.py)
-JOB_STEPS = ("quantize", "publish", "preload", "evaluate")
+JOB_STEPS = ("quantize", "publish", "preload", "verify", "evaluate")
 ONE_LINE_JSON = "MODELCTL_JSON_ONE_LINE"
 
 
@@ -138,8 +138,11 @@ def execute(
     env: Environment,
     kube: Kube | None = None,
     progress: Progress | None = None,
+    serving: dict[str, Any] | None = None,
 ) -> StepResult[Any]:
     """Run ``request`` where the environment says: in this process, or as a Job through ``kube``.
+
+    ``serving`` (the environment's chart values) gives the Jobs of ``SERVED_STEPS`` their vLLM sidecar.
 
     Resolve and load-test always run here (they need no GPU and no cache volume of the cluster).
 
@@ -151,7 +154,7 @@ def execute(
         return run(request, progress)
     if kube is None:
         raise TerminalError(f"environment {env_name} runs steps as Kubernetes Jobs but no cluster connection was given")
-    manifest = job_manifest(request, env_name, env)
+    manifest = job_manifest(request, env_name, env, serving)
     namespace, name = manifest["metadata"]["namespace"], manifest["metadata"]["name"]
     where = f"Job {namespace}/{name}"
     try:

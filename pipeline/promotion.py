@@ -1,6 +1,6 @@
 """The promotion as a plain sequence of typed steps, with every decision; callable without Prefect.
 
-    resolve -> quantize -> publish -> [requires] -> preload -> evaluate -> load-test -> decide
+    resolve -> quantize -> publish -> [requires] -> preload -> verify -> evaluate -> load-test -> decide
         -> approval -> commit -> (pull-request mode: wait for merge, resume later) -> canary -> record
 
 Configuration is read once by the caller and passed typed: nothing here reads promotion.yaml, so editing it
@@ -47,6 +47,8 @@ from pipeline.steps import (
     ResolveRequest,
     StepResult,
     StoredArtifact,
+    VerifyRequest,
+    VerifyResult,
     source_policy,
 )
 
@@ -143,7 +145,7 @@ class Run:
             from pipeline.kube import Kube
 
             kube = Kube.connect()
-        return execute(request, self.env_name, self.env, kube)
+        return execute(request, self.env_name, self.env, kube, serving=serving_values(self))
 
     @contextmanager
     def timed(self, name: str) -> Iterator[None]:
@@ -191,19 +193,75 @@ def check_requires(gitops: GitOps, env_name: str, env: Environment, stored: Stor
             )
 
 
+def serving_values(run: Run) -> dict[str, Any] | None:
+    """The chart values vLLM is started with for the environment: on a cluster, its values file on the GitOps
+    branch (the sidecar of the verify/evaluate Jobs); locally None (the local environment's values)."""
+    if run.env.executor != "kubernetes":
+        return None
+    from pipeline.gitops.guarded import values_at
+
+    return values_at(run.gitops, f"refs/remotes/origin/{run.gitops.branch}", run.env.values_file)
+
+
+def verify(run: Run, model_dir: str, artifact_id: str) -> VerifyResult:
+    """Prove the artifact loads and answers in the engine that serves the gates (vLLM; where this machine's vLLM
+    cannot serve its format, transformers, and the record says why). A refusal rejects it: nothing is committed.
+
+    Raises:
+        TerminalError: the engine refused the artifact (its own reason), or the step failed.
+    """
+    result: VerifyResult = run.step(VerifyRequest(artifact_dir=model_dir, values=serving_values(run)))
+    served_by = result.served_by.removesuffix(" (in-process)")
+    update = {"verify": result, "served_by": served_by, "serving_fallback": result.fallback}
+    run.record = run.record.model_copy(update=update)
+    if not result.passed:
+        reason = f"{result.served_by} cannot load the artifact: {result.reason}"
+        update = {"decision": "rejected", "reason": reason, "timings": run.timings}
+        run.record = run.record.model_copy(update=update)
+        run.hooks.report(run.record, run.env)
+        raise TerminalError(
+            f"{artifact_id} was rejected for {run.env_name}, nothing was committed: {reason}",
+            hint="rebuild the artifact (another recipe or backend), or fix the chart's vLLM args",
+        )
+    return result
+
+
+def keep_report(run: Run, kind: str, report: Any) -> None:
+    """Keep a gate's report in the artifact store by the bytes' manifest digest (what the guard and
+    `modelctl gitops verify` read); nothing without a store."""
+    digest = run.record.artifact.manifest_digest if run.record.artifact else None
+    if run.cfg.artifacts is None or digest is None:
+        return
+    from pipeline.store import store_from_settings
+
+    store_from_settings(run.cfg.artifacts).put_report(digest, kind, report)
+
+
 def judge(run: Run, model_dir: str) -> list[GateResult]:
     """Measure the candidate and judge it: the eval gate against Git's baseline, then (here) the latency SLO."""
     env, gates = run.env, []
     if env.gates.eval is not None:
         gate = env.gates.eval
-        report = run.step(EvaluateRequest(model_dir=model_dir, suite=gate.suite, policy=gate.policy))
+        engine = "vllm" if run.record.verify is not None and run.record.verify.engine == "vllm" else None
+        values = serving_values(run)
+        asked = EvaluateRequest(model_dir=model_dir, suite=gate.suite, policy=gate.policy, engine=engine, values=values)
+        report = run.step(asked)
+        keep_report(run, "eval", report)
         baseline = baseline_from_record(run.gitops.baseline(run.env_name))
         result = eval_gate(report, baseline, load_suite(gate.suite), gate.policy)
         run.record = run.record.model_copy(update={"eval_report": report, "eval_gate": result})
         gates.append(result)
     if env.gates.load is not None and env.executor == "local" and all(g.passed for g in gates):
-        request = LoadTestRequest(model_dir=model_dir, gate=env.gates.load, served_name=run.cfg.model.served_name)
+        served = run.record.verify.engine if run.record.verify is not None else None
+        request = LoadTestRequest(
+            model_dir=model_dir,
+            gate=env.gates.load,
+            served_name=run.cfg.model.served_name,
+            engine="vllm" if served == "vllm" else "transformers" if served else None,
+            values=serving_values(run),
+        )
         report = run.step(request)
+        keep_report(run, "load", report)
         result = load_gate(report, env.gates.load.slo)
         run.record = run.record.model_copy(update={"load_report": report, "load_gate": result})
         gates.append(result)
@@ -259,6 +317,7 @@ def promote(
             artifact_id=artifact.id,
         )
         entry = run.step(preload)
+        verify(run, entry.path, artifact.id)
         gates = judge(run, entry.path)
         failed = [g for g in gates if not g.passed]
         if failed:

@@ -28,6 +28,7 @@ from pipeline.loadtest.report import LoadReport
 from pipeline.quantize.recipe import Artifact, Recipe
 from pipeline.secrets import redact
 from pipeline.source import ModelSource
+from pipeline.verify import VerifyResult
 
 Decision = Literal["pending", "waiting", "promoted", "rejected", "reverted", "skipped", "failed"]
 
@@ -130,6 +131,9 @@ class PromotionRecord(BaseModel):
     created_at: datetime = Field(default_factory=lambda: datetime.now(UTC))
     model: ModelSource | None = Field(None, description="the pinned source: repo, sha, files, license")
     artifact: ArtifactSummary | None = None
+    verify: VerifyResult | None = Field(None, description="the artifact loaded and answered in the serving engine")
+    served_by: str | None = Field(None, description="the engine and release that served the gates: vllm 0.32.0")
+    serving_fallback: str | None = Field(None, description="why the gates were not served by vLLM here, if not")
     eval_report: EvalReport | None = None
     eval_gate: GateResult | None = None
     load_report: LoadReport | None = None
@@ -189,6 +193,9 @@ class PromotionRecord(BaseModel):
             lines.append(f"| flow run | {self.flow_run} |")
         if self.reason:
             lines += ["", f"**Why:** {self.reason}"]
+        if self.served_by:
+            why = f": {self.serving_fallback}" if self.serving_fallback else ""
+            lines += ["", f"**Served by:** {self.served_by}{why}"]
         for gate in (self.eval_gate, self.load_gate):
             if gate is not None:
                 lines += ["", gate.markdown().rstrip()]

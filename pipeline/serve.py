@@ -95,6 +95,27 @@ class LocalServer:
         return f"{self.engine} {self.version}".strip()
 
 
+def choose_engine(model_dir: str | Path) -> tuple[Engine, str | None]:
+    """The engine that serves ``model_dir`` for the gates here, and why it is not vLLM when it is not.
+
+    vLLM by default (in a Job's pod its sidecar always serves). Only where this machine's vLLM build cannot serve
+    the artifact's format (:func:`pipeline.vllm.cpu_unsupported`) does it fall back to `transformers serve`, and the
+    reason travels into the record and the report: a fallback is never silent.
+    """
+    if os.environ.get(EXTERNAL_URL):
+        return "vllm", None
+    if vllm.cpu_unsupported(Path(model_dir)) is None:
+        return "vllm", None
+    return "transformers", f"vLLM {vllm.chart_version()}'s CPU build here has no W4A16 kernel (no AVX-512)"
+
+
+def engine_version(engine: Engine) -> str:
+    """The release of ``engine`` that serves here: vLLM's runtime (else the chart's pin), or transformers'."""
+    if engine == "vllm":
+        return vllm.runtime_version() or vllm.chart_version()
+    return _transformers_version()
+
+
 def free_port() -> int:
     """A TCP port on 127.0.0.1 that is free right now."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:

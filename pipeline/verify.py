@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-from pydantic import BaseModel
+from pydantic import BaseModel, Field
 
 from pipeline import vllm
 from pipeline.errors import TerminalError
@@ -47,6 +47,8 @@ class VerifyResult(BaseModel):
     reason: str | None = None
     startup_s: float | None = None
     verified_at: str
+    engine: str = "vllm"
+    fallback: str | None = Field(None, description="why the artifact was not loaded in vLLM here, when it was not")
     skipped: bool = False  # true when this call found the result in the cache
 
 
@@ -135,11 +137,13 @@ def verify_artifact(
     log_dir: Path | None = None,
     startup_timeout_s: float = 600.0,
     server: LocalServer | None = None,
+    refusal_raises: bool = True,
 ) -> VerifyResult:
     """Load ``artifact_dir`` in vLLM with the chart's args for ``values`` and ask it a completion and logprobs.
 
     Returns the cached result (``skipped=True``) for the same bytes, vLLM release and args. A running vLLM
-    ``server`` already serving ``artifact_dir`` with those args may be passed to reuse it.
+    ``server`` already serving ``artifact_dir`` with those args may be passed to reuse it. With
+    ``refusal_raises=False`` a refusal comes back as a result with ``passed=False`` and vLLM's reason.
 
     Raises:
         TerminalError: vLLM cannot load the artifact (its own error line in the message), or cannot answer.
@@ -155,7 +159,7 @@ def verify_artifact(
     cached = _cache_file(cache_dir or default_cache_dir(), digest, version, args_sha)
     if cached.is_file():
         result = VerifyResult.model_validate_json(cached.read_text(encoding="utf-8"))
-        if not result.passed:
+        if not result.passed and refusal_raises:
             raise TerminalError(
                 f"vLLM {version} cannot load {artifact_dir.name} (refused before, {digest[:19]}): {result.reason}",
                 hint="rebuild the artifact (or change the chart's vLLM args); these bytes were refused",
@@ -183,6 +187,8 @@ def verify_artifact(
             startup_s=round(time.perf_counter() - started, 2), verified_at=now,
         )  # fmt: skip
         _write(cached, refused)
+        if not refusal_raises:
+            return refused
         tail = exc.what.split("its log ends with:", 1)[-1].strip()[-3000:]
         raise TerminalError(
             f"vLLM {version} cannot load {artifact_dir.name}: {reason}\nvLLM's log ends with:\n{tail}",
@@ -198,3 +204,55 @@ def _write(path: Path, result: VerifyResult) -> None:
     tmp = path.with_suffix(".tmp")
     tmp.write_text(result.model_dump_json(indent=2, exclude={"skipped"}) + "\n", encoding="utf-8")
     tmp.replace(path)
+
+
+def verify_in_process(artifact_dir: Path, fallback: str, *, cache_dir: Path | None = None) -> VerifyResult:
+    """Where vLLM cannot serve the artifact here (``fallback`` says why): load it with transformers in this process
+    and check it answers a completion and gives finite prompt logprobs. Labelled as such; a pass is cached by digest.
+
+    Raises:
+        TerminalError: not a model directory (a load failure comes back as ``passed=False`` with its reason).
+    """
+    artifact_dir = Path(artifact_dir).resolve()
+    if not (artifact_dir / "config.json").is_file():
+        raise TerminalError(f"{artifact_dir} is not a model directory (no config.json)", hint="pass an artifact")
+    from importlib.metadata import version as dist_version
+
+    served_by = f"transformers {dist_version('transformers')} (in-process)"
+    digest = manifest_digest(artifact_dir)
+    name = f"{digest.removeprefix('sha256:')[:32]}-{served_by.split()[1]}-in-process.json"
+    cached = (cache_dir or default_cache_dir()) / "verify" / name
+    if cached.is_file():
+        return VerifyResult.model_validate_json(cached.read_text(encoding="utf-8")).model_copy(update={"skipped": True})
+    now = datetime.now(UTC).isoformat(timespec="seconds")
+    base: dict[str, Any] = {"digest": digest, "served_by": served_by, "args_sha256": "", "verified_at": now}
+    base |= {"engine": "transformers", "fallback": fallback}
+    started = time.perf_counter()
+    try:
+        text, count = _in_process_probe(artifact_dir)
+        result = VerifyResult(passed=True, completion=text, prompt_logprobs=count, **base)
+    except Exception as exc:  # any load or forward failure is the artifact's refusal
+        result = VerifyResult(passed=False, reason=f"{type(exc).__name__}: {exc}"[:500], **base)
+    result = result.model_copy(update={"startup_s": round(time.perf_counter() - started, 2)})
+    if result.passed:  # a refusal here may be this process's (a missing package): tried again next time
+        _write(cached, result)
+    return result
+
+
+def _in_process_probe(artifact_dir: Path) -> tuple[str, int]:
+    """A greedy completion and the prompt's logprobs from the artifact loaded with transformers."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(artifact_dir)
+    model: Any = AutoModelForCausalLM.from_pretrained(artifact_dir, dtype="auto")
+    ids = tokenizer(PROMPT, return_tensors="pt").input_ids
+    with torch.no_grad():
+        out = model.generate(ids, max_new_tokens=4, do_sample=False)
+        logits = model(ids).logits.float()
+    text = str(tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True))
+    logprobs = torch.log_softmax(logits[0, :-1], dim=-1).gather(1, ids[0, 1:, None]).squeeze(1)
+    finite = int(torch.isfinite(logprobs).sum())
+    if not text.strip() or finite == 0:
+        raise ValueError(f"the model answered without {'a completion' if not text.strip() else 'prompt logprobs'}")
+    return text, finite

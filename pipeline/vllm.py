@@ -66,6 +66,8 @@ def check_runtime(python: Path | None = None, chart_dir: Path = CHART_DIR) -> st
     Raises:
         TerminalError: no vLLM environment, or one of another release than the chart's image tag.
     """
+    if os.environ.get("MODELCTL_VLLM_URL"):  # in a Job's pod: the sidecar runs the chart's image, this release
+        return chart_version(chart_dir)
     python = python or runtime_python()
     installed = runtime_version(python) if python.exists() else None
     if installed is None:

@@ -4,8 +4,9 @@
     quantize  QuantizeRequest -> Artifact         the full recipe, the source policy; a skip when built
     publish   PublishRequest  -> StoredArtifact   the bytes every environment preloads, by manifest digest
     preload   PreloadRequest  -> CacheEntry       onto the cache volume, verified against the published digest
-    evaluate  EvaluateRequest -> EvalReport       the suite on the weights (the gate is the promotion's)
-    loadtest  LoadTestRequest -> LoadReport       serve here and measure (the SLO is the promotion's)
+    verify    VerifyRequest   -> VerifyResult     the artifact loads and answers in the serving engine (vLLM)
+    evaluate  EvaluateRequest -> EvalReport       the suite on the served artifact (the gate is the promotion's)
+    loadtest  LoadTestRequest -> LoadReport       serve and measure, with the server's view (the SLO is the promotion's)
 
 :func:`run` runs any request in this process; :func:`pipeline.jobs.execute` runs it here or as a Kubernetes Job
 (``python -m pipeline step run --request JSON``), validating the request and the result on both sides.
@@ -24,7 +25,7 @@ from pipeline.loadtest import LoadReport
 from pipeline.progress import Progress
 from pipeline.quantize import Artifact
 from pipeline.source import ModelSource
-from pipeline.steps import evaluate, loadtest, preload, publish, quantize, resolve
+from pipeline.steps import evaluate, loadtest, preload, publish, quantize, resolve, verify
 from pipeline.steps.base import StepFailure, StepRequest, StepResult, failed, timed
 from pipeline.steps.evaluate import EvaluateRequest
 from pipeline.steps.loadtest import LoadTestRequest
@@ -32,10 +33,18 @@ from pipeline.steps.preload import PreloadRequest
 from pipeline.steps.publish import PublishRequest, manifest_digest
 from pipeline.steps.quantize import QuantizeRequest
 from pipeline.steps.resolve import ResolveRequest, source_policy
+from pipeline.steps.verify import VerifyRequest
 from pipeline.store import StoredArtifact
+from pipeline.verify import VerifyResult
 
 AnyRequest = Annotated[
-    ResolveRequest | QuantizeRequest | PublishRequest | PreloadRequest | EvaluateRequest | LoadTestRequest,
+    ResolveRequest
+    | QuantizeRequest
+    | PublishRequest
+    | PreloadRequest
+    | VerifyRequest
+    | EvaluateRequest
+    | LoadTestRequest,
     Field(discriminator="step"),
 ]
 OUTPUTS: dict[str, type[BaseModel]] = {
@@ -43,6 +52,7 @@ OUTPUTS: dict[str, type[BaseModel]] = {
     "quantize": Artifact,
     "publish": StoredArtifact,
     "preload": CacheEntry,
+    "verify": VerifyResult,
     "evaluate": EvalReport,
     "loadtest": LoadReport,
 }
@@ -61,6 +71,8 @@ __all__ = [
     "StepRequest",
     "StepResult",
     "StoredArtifact",
+    "VerifyRequest",
+    "VerifyResult",
     "failed",
     "manifest_digest",
     "parse_request",
@@ -114,6 +126,8 @@ def run(request: AnyRequest, progress: Progress | None = None) -> StepResult[Any
         return timed("publish", lambda: publish.run(request))
     if isinstance(request, PreloadRequest):
         return timed("preload", lambda: preload.run(request, progress))
+    if isinstance(request, VerifyRequest):
+        return timed("verify", lambda: verify.run(request))
     if isinstance(request, EvaluateRequest):
         return timed("evaluate", lambda: evaluate.run(request, progress))
     return timed("loadtest", lambda: loadtest.run(request))

@@ -1,13 +1,19 @@
-"""evaluate: the candidate's weights on an eval suite -> EvalReport. The gate is judged by the promotion."""
+"""evaluate: the candidate on an eval suite -> EvalReport. The gate is judged by the promotion.
+
+With ``engine="vllm"`` the suite runs against the artifact as vLLM serves it (the chart's args for ``values``):
+the score of the bytes and kernels production runs. Otherwise (no engine asked for, or the `transformers`
+fallback where vLLM cannot serve the artifact here) the weights are evaluated in this process.
+"""
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from pipeline.config import EvalPolicy
 from pipeline.evaluate import EvalReport, LocalWeights, evaluate, load_suite
 from pipeline.progress import Progress
+from pipeline.serve import Engine
 from pipeline.steps.base import StepRequest
 
 
@@ -18,13 +24,21 @@ class EvaluateRequest(StepRequest):
     policy: EvalPolicy = EvalPolicy()
     use_cache: bool = True
     store: bool = True
+    engine: Engine | None = None  # vllm: through the served artifact; None / transformers: in this process
+    values: dict[str, Any] | None = None  # the environment's chart values for vLLM (None: the local environment's)
 
 
 def run(request: EvaluateRequest, progress: Progress | None = None) -> tuple[EvalReport, bool]:
-    """Raises: TerminalError (bad weights, unknown suite or task), TransientError."""
+    """Raises: TerminalError (bad weights, unknown suite or task, vLLM cannot serve it), TransientError."""
+    suite = load_suite(request.suite)
+    if request.engine == "vllm":
+        from pipeline.evaluate.endpoint import evaluate_served
+
+        report = evaluate_served(Path(request.model_dir), suite, values=request.values, use_cache=request.use_cache)
+        return report, report.skipped
     report = evaluate(
         LocalWeights(Path(request.model_dir)),
-        load_suite(request.suite),
+        suite,
         use_cache=request.use_cache,
         store=request.store,
         progress=progress,

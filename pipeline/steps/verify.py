@@ -1,0 +1,33 @@
+"""verify: prove the artifact loads and answers in the serving engine -> VerifyResult (a refusal is ``passed=False``
+with the engine's own reason; the promotion then rejects the artifact and commits nothing).
+
+The engine is :func:`pipeline.serve.choose_engine`'s: vLLM with the chart's args for ``values``; where this
+machine's vLLM build cannot serve the artifact's format, the artifact is loaded with transformers in this process
+instead, and the result says so (``engine``, ``served_by``, ``fallback``). Cached by manifest digest either way.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+from pipeline.serve import choose_engine
+from pipeline.steps.base import StepRequest
+from pipeline.verify import VerifyResult, verify_artifact, verify_in_process
+
+
+class VerifyRequest(StepRequest):
+    step: Literal["verify"] = "verify"
+    artifact_dir: str
+    values: dict[str, Any] | None = None  # the environment's chart values (None: the local environment's)
+
+
+def run(request: VerifyRequest) -> tuple[VerifyResult, bool]:
+    """Raises: TerminalError (not a model directory, no vLLM runtime), TransientError (vLLM did not come up)."""
+    artifact = Path(request.artifact_dir)
+    engine, fallback = choose_engine(artifact)
+    if engine == "vllm":
+        result = verify_artifact(artifact, values=request.values, refusal_raises=False)
+    else:
+        result = verify_in_process(artifact, fallback or "vLLM cannot serve this artifact here")
+    return result, result.skipped
