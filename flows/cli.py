@@ -47,6 +47,8 @@ def _summary(record: dict[str, Any]) -> list[str]:
             lines.append(f"  bytes     {rec.artifact.manifest_digest}")
     if rec.commit:
         lines.append(f"  commit    {rec.commit[:12]}")
+    if rec.served_by:  # the engine and release that served the gates; a fallback says why
+        lines.append(f"  served by {rec.served_by}" + (f": {rec.serving_fallback}" if rec.serving_fallback else ""))
     for label, gate in (("eval", rec.eval_gate), ("latency", rec.load_gate)):
         if gate is not None:
             lines.append(f"  {label:<9} {gate.summary()}")
