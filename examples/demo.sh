@@ -8,7 +8,8 @@ config=examples/local/promotion.yaml
 mkdir -p "$out"
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_DATASETS_OFFLINE=1 TQDM_DISABLE=1
 export PREFECT_HOME="$PWD/$out/prefect" DO_NOT_TRACK=1 PREFECT_SERVER_ANALYTICS_ENABLED=false
-export PREFECT_LOGGING_LEVEL=CRITICAL  # the commands print what happened; Prefect's own logs are in the UI
+# `modelctl promote` prints one line per step and a summary; what the libraries print (Prefect, lm-eval,
+# llmcompressor, torch) goes to the run's log file, whose path it prints first and whose end it shows on failure.
 
 step() { printf '\n\033[1m== %s\033[0m\n' "$*"; }
 started=$(date +%s)
@@ -20,8 +21,22 @@ step "2. Validate the configuration, and create the GitOps repo from the templat
 modelctl config check "$config" --json | python3 -c 'import json,sys; d=json.load(sys.stdin); print("valid:", d["ok"])'
 modelctl gitops init "$out/gitops-remote.git"
 
-step "3. Promote it to the local environment: resolve, quantize (AWQ), preload, eval gate, load-test gate, commit"
+step "3. Promote it to the local environment: resolve, quantize (AWQ), preload, eval, load and capacity gates, commit"
 modelctl promote "$out/tiny" --env local -c "$config"
+# The capacity plan its record carries (gates.capacity in the config): goodput per replica, replicas at peak, cost.
+python3 - "$out/gitops-remote.git" <<'PY'
+import subprocess, sys
+from rich.console import Console
+from pipeline.record import PromotionRecord
+git = ["git", "--git-dir", sys.argv[1]]
+names = subprocess.run([*git, "ls-tree", "--name-only", "main", "records/local/"], capture_output=True, text=True)
+newest = sorted(names.stdout.split())[-1]
+shown = subprocess.run([*git, "show", f"main:{newest}"], capture_output=True, text=True, check=True)
+record = PromotionRecord.from_json(shown.stdout)
+if record.capacity_plan is not None and record.capacity_gate is not None:
+    print(record.capacity_gate.summary())
+    Console().print(record.capacity_plan.table())
+PY
 
 step "4. Promote a deliberately damaged copy: the eval gate refuses it, and nothing is committed"
 modelctl tinymodel damage "$out/tiny" "$out/tiny-damaged"
@@ -31,6 +46,9 @@ if modelctl promote "$out/tiny-damaged" --env local -c "$config"; then
 fi
 echo "(refused, as it should be: exit code 2 and the failing metrics named above)"
 
+step "4b. Promote the same model again: it already runs there, so this is a skip under the original id"
+modelctl promote "$out/tiny" --env local -c "$config"
+
 step "5. What Git says now"
 modelctl history --env local -c "$config"
 modelctl status -c "$config"
@@ -38,9 +56,9 @@ modelctl status -c "$config"
 cat <<MSG
 
 What ran ($(( $(date +%s) - started )) s): a real promotion through the Prefect flow. The small model was
-quantized (AWQ, 4-bit), preloaded and verified in the cache, passed lm-eval's smoke suite and a load test against
-a real local server, and was committed to the GitOps repo with its record. A damaged copy was refused by the
-eval gate, and nothing was committed for it.
+quantized (AWQ, 4-bit), preloaded and verified in the cache, passed lm-eval's smoke suite, a load test and a
+capacity sweep (goodput per replica, replicas and cost at peak) against a real local server, and was committed to
+the GitOps repo with its record. A damaged copy was refused by the eval gate, and nothing was committed for it.
 
 Not run here: the Argo CD sync and the Argo Rollouts canary (with revert on failure) need a Kubernetes cluster
 with Argo CD and Argo Rollouts. Point examples/cluster/promotion.yaml at yours and run

@@ -8,6 +8,7 @@ the Prefect server at PREFECT_API_URL when it is set, else against Prefect's emb
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -16,7 +17,7 @@ import typer
 
 from pipeline.cli import app
 from pipeline.cli.render import JsonFlag, emit_json, errors, out
-from pipeline.errors import TerminalError
+from pipeline.errors import TerminalError, TransientError
 
 ConfigOption = Annotated[Path, typer.Option("--config", "-c", help="promotion.yaml")]
 EnvOption = Annotated[str, typer.Option("--env", "-e", help="environment name from promotion.yaml")]
@@ -31,14 +32,17 @@ STEP_OUTCOME = {"succeeded": "done", "skipped": "reused (already done)", "failed
 DECISION_MARK = {"promoted": "✓", "waiting": "…", "skipped": "=", "rejected": "✗", "reverted": "✗"}
 
 
-def _summary(record: dict[str, Any]) -> list[str]:
-    """The finished promotion for a terminal: the decision and why, then one line per fact (no markdown)."""
+def _summary(record: dict[str, Any], width: int = 100) -> list[str]:
+    """The finished promotion for a terminal: the decision and why (wrapped to ``width``), then one line per fact
+    (no markdown)."""
+    import textwrap
+
     from pipeline.record import PromotionRecord
 
     rec = PromotionRecord.model_validate(record)
     lines = [f"{DECISION_MARK.get(rec.decision, '•')} {rec.decision}: promotion {rec.id} to {rec.env}"]
     if rec.reason:
-        lines.append(f"  why       {rec.reason}")
+        lines += textwrap.wrap(rec.reason, width, initial_indent="  why       ", subsequent_indent=" " * 12)
     if rec.model is not None:
         lines.append(f"  model     {rec.model.ref}")
     if rec.artifact is not None:
@@ -105,10 +109,21 @@ def _run_promotion(as_json: bool, start: Callable[[], dict[str, Any]]) -> dict[s
             else:
                 log.step_done(step, status, detail=STEP_OUTCOME.get(status, status))
 
+        # Prefect's embedded server gets more than its default 20 s to start on a busy machine.
+        os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
         with listening(on_step):
-            record = start()
+            try:
+                record = start()
+            except RuntimeError as exc:
+                if "ephemeral Prefect API server" not in str(exc):
+                    raise
+                raise TransientError(
+                    "Prefect's embedded server did not start in time",
+                    hint="retry, raise PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS, or run a Prefect server "
+                    "and set PREFECT_API_URL",
+                ) from None
         if not as_json:
-            for line in _summary(record):
+            for line in _summary(record, log.width):
                 log.print(log.fit(line))
     return record
 

@@ -306,8 +306,8 @@ def promote(
             update={"model": source, "artifact": ArtifactSummary.of(artifact, stored.manifest_digest, stored.uri)}
         )
         running = already_live(run.gitops, env_name, artifact.id, stored.manifest_digest)
-        if running is not None:  # the same bytes run there now: nothing to measure, nothing to commit
-            return _already_runs(run, running)
+        if running is not None and running.id != pid:  # the same bytes run there: nothing to measure or commit
+            return _already_runs(run, running)  # (a re-run of that promotion's own id converges below instead)
         check_requires(run.gitops, env_name, env, stored)
         preload = PreloadRequest(
             artifact_dir=artifact.path,
@@ -366,7 +366,10 @@ def already_live(gitops: GitOps, env_name: str, artifact_id: str, digest: str) -
     live = live_promotions(gitops.history(env_name))
     if not live or live[0].artifact != artifact_id:
         return None
-    record = gitops.record(env_name, live[0].promotion_id)
+    try:
+        record = gitops.record(env_name, live[0].promotion_id)
+    except TerminalError:  # a change without a record (a person's): what its bytes are is not known
+        return None
     seen = record.artifact.manifest_digest if record.artifact else None
     if record.decision != "promoted" or seen != digest:
         return None

@@ -176,7 +176,7 @@ def run_log(
     os.dup2(log_fd, 1)
     os.dup2(log_fd, 2)
     os.close(log_fd)
-    text = open(path, "a", buffering=1, encoding="utf-8", errors="replace")  # noqa: SIM115 - closed below
+    text = open(path, "a", buffering=1, encoding="utf-8", errors="replace")  # noqa: SIM115 - kept open, below
     sys.stdout = sys.stderr = text
     log = RunLog(path, terminal, clock=clock, live=live)
     log.print(f"log: {path}")
@@ -194,7 +194,8 @@ def run_log(
         os.dup2(saved[1], 2)
         os.close(saved[0])
         os.close(saved[1])
-        text.close()
+        # ``text`` stays open: a library that took sys.stderr inside the block (Prefect's console handler) logs
+        # again at exit (its server stopping), and that belongs to the log, not to an error on a closed file.
         log.close()
         if failed is not None and not isinstance(failed, (KeyboardInterrupt, SystemExit)):
             tail = log.tail()
