@@ -45,7 +45,7 @@ def only_transient(task: Task[..., Any], task_run: TaskRun, state: State[Any]) -
 
 
 RETRIES: dict[str, Any] = {"retries": 3, "retry_delay_seconds": [2, 10, 30], "retry_condition_fn": only_transient}
-TIMEOUT_S = {"resolve": 300, "publish": 3600, "verify": 1800, "loadtest": 3600}
+TIMEOUT_S = {"resolve": 300, "publish": 3600, "verify": 1800, "loadtest": 3600, "capacity": 3600}
 
 
 def step_key(context: TaskRunContext, parameters: dict[str, Any]) -> str | None:

@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
+from pipeline.cache import MARKER as CACHE_MARKER
 from pipeline.config import Environment, PromotionConfig
 from pipeline.errors import TerminalError
 from pipeline.evaluate.gate import eval_gate
@@ -34,11 +35,14 @@ from pipeline.gitops import CommitResult, GitOps, Promotion
 from pipeline.gitops.commits import live_promotions
 from pipeline.jobs import execute
 from pipeline.loadtest import gate as load_gate
+from pipeline.loadtest.capacity import capacity_gate
+from pipeline.loadtest.capacity_plan import capacity_plan, replica_changes
 from pipeline.quantize import Artifact, Backend, Method, Recipe
 from pipeline.record import ArtifactSummary, PromotionRecord, RolloutOutcome, new_promotion_id
 from pipeline.source import ModelSource
 from pipeline.steps import (
     AnyRequest,
+    CapacityRequest,
     EvaluateRequest,
     LoadTestRequest,
     PreloadRequest,
@@ -265,7 +269,49 @@ def judge(run: Run, model_dir: str) -> list[GateResult]:
         result = load_gate(report, env.gates.load.slo)
         run.record = run.record.model_copy(update={"load_report": report, "load_gate": result})
         gates.append(result)
+    if (
+        env.gates.capacity is not None
+        and env.gates.load is not None
+        and env.executor == "local"
+        and all(g.passed for g in gates)
+    ):
+        gates.append(judge_capacity(run, model_dir))
     return gates
+
+
+def judge_capacity(run: Run, model_dir: str) -> GateResult:
+    """Sweep the candidate and the incumbent (the live artifact, when preloaded here) on one engine in one run;
+    the capacity gate and the plan go into the record."""
+    env, policy, load = run.env, run.env.gates.capacity, run.env.gates.load
+    assert policy is not None and load is not None
+    live = run.gitops.baseline(run.env_name)
+    incumbent = Path(env.cache.root) / live.artifact.id if live is not None and live.artifact is not None else None
+    present = incumbent is not None and (incumbent / CACHE_MARKER).is_file()
+    served = run.record.verify.engine if run.record.verify is not None else None  # the load step's engine
+    request = CapacityRequest(
+        model_dir=model_dir,
+        incumbent_dir=str(incumbent) if present else None,
+        gate=load,
+        policy=policy,
+        engine="vllm" if served == "vllm" else "transformers" if served else None,
+        values=serving_values(run),
+    )
+    report = run.step(request)
+    result = capacity_gate(report, policy)
+    plan = capacity_plan(report, policy, env.gpu_pool.gpus_per_replica)
+    update = {"capacity_report": report, "capacity_gate": result, "capacity_plan": plan}
+    run.record = run.record.model_copy(update=update)
+    return result
+
+
+def replica_scale(run: Run) -> dict[str, Any]:
+    """The values keys sizing the environment for the capacity plan (``capacity.write_replicas``), else none."""
+    policy, plan = run.env.gates.capacity, run.record.capacity_plan
+    if policy is None or plan is None or not policy.write_replicas:
+        return {}
+    run.gitops.sync()
+    values = run.gitops.workdir / run.env.values_file  # a missing file: the commit names it
+    return replica_changes(plan, policy, values.read_text(encoding="utf-8") if values.is_file() else "")
 
 
 def promote(
@@ -338,6 +384,7 @@ def promote(
             served_name=cfg.model.served_name,
             eval=run.record.eval_gate.summary() if run.record.eval_gate else "",
             latency=run.record.load_gate.summary() if run.record.load_gate else "",
+            scale=replica_scale(run),
             flow_run=hooks.flow_run,
         )
         if env.approval.required:

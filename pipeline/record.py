@@ -24,6 +24,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from pipeline.errors import TerminalError, first_problem
 from pipeline.evaluate.report import EvalReport
 from pipeline.gates import GateResult
+from pipeline.loadtest.capacity import CapacityReport
+from pipeline.loadtest.capacity_plan import CapacityPlan
 from pipeline.loadtest.report import LoadReport
 from pipeline.quantize.recipe import Artifact, Recipe
 from pipeline.secrets import redact
@@ -138,6 +140,9 @@ class PromotionRecord(BaseModel):
     eval_gate: GateResult | None = None
     load_report: LoadReport | None = None
     load_gate: GateResult | None = None
+    capacity_report: CapacityReport | None = Field(None, description="candidate and incumbent goodput sweeps")
+    capacity_gate: GateResult | None = None
+    capacity_plan: CapacityPlan | None = Field(None, description="replicas, GPUs and cost at the peak rate")
     rollout: RolloutOutcome | None = None
     commit: str | None = None
     branch: str | None = Field(None, description="the pull-request branch, when the GitOps repo takes them")
@@ -196,9 +201,11 @@ class PromotionRecord(BaseModel):
         if self.served_by:
             why = f": {self.serving_fallback}" if self.serving_fallback else ""
             lines += ["", f"**Served by:** {self.served_by}{why}"]
-        for gate in (self.eval_gate, self.load_gate):
+        for gate in (self.eval_gate, self.load_gate, self.capacity_gate):
             if gate is not None:
                 lines += ["", gate.markdown().rstrip()]
+        if self.capacity_plan is not None:
+            lines += ["", self.capacity_plan.markdown().rstrip()]
         if self.rollout is not None:
             lines += ["", f"**Canary:** {self.rollout.final}: {self.rollout.reason}"]
         if self.timings:

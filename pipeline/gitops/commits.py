@@ -42,6 +42,9 @@ class Promotion(BaseModel):
     served_name: str | None = None
     replicas: int | None = None
     canary_steps: list[dict[str, Any]] | None = None
+    scale: dict[str, Any] = Field(
+        default_factory=dict, description="values keys sizing the environment (the capacity plan's replicas)"
+    )
     eval: str = Field("", description="one line: the eval gate's verdict")
     latency: str = Field("", description="one line: the load gate's verdict")
     flow_run: str = ""
@@ -77,6 +80,7 @@ class Promotion(BaseModel):
             keys["replicas"] = self.replicas
         if self.canary_steps is not None:
             keys["canary.steps"] = self.canary_steps
+        keys.update(self.scale)
         return keys
 
     def subject(self) -> str:

@@ -21,7 +21,6 @@ from rich.table import Table
 
 from pipeline.config import CapacityPolicy, Slo
 from pipeline.errors import TerminalError
-from pipeline.gitops.values import scale_changes
 from pipeline.loadtest.capacity import CapacityMeasurement, CapacityReport
 
 HOURS_PER_MONTH = 730.0
@@ -159,6 +158,8 @@ def replica_changes(plan: CapacityPlan, policy: CapacityPolicy, values_text: str
         TerminalError: write_replicas is on but the plan has no replica count for the candidate, or it exceeds
             max_replicas (the capacity gate refuses such a candidate first).
     """
+    from pipeline.gitops.values import scale_changes  # here: pipeline.gitops imports the record, which holds a plan
+
     if not policy.write_replicas:
         return {}
     replicas = plan.candidate.replicas

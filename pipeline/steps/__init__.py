@@ -7,6 +7,7 @@
     verify    VerifyRequest   -> VerifyResult     the artifact loads and answers in the serving engine (vLLM)
     evaluate  EvaluateRequest -> EvalReport       the suite on the served artifact (the gate is the promotion's)
     loadtest  LoadTestRequest -> LoadReport       serve and measure, with the server's view (the SLO is the promotion's)
+    capacity  CapacityRequest -> CapacityReport   candidate and incumbent swept here (the gate is the promotion's)
 
 :func:`run` runs any request in this process; :func:`pipeline.jobs.execute` runs it here or as a Kubernetes Job
 (``python -m pipeline step run --request JSON``), validating the request and the result on both sides.
@@ -22,11 +23,13 @@ from pipeline.cache import CacheEntry
 from pipeline.errors import TerminalError, first_problem
 from pipeline.evaluate import EvalReport
 from pipeline.loadtest import LoadReport
+from pipeline.loadtest.capacity import CapacityReport
 from pipeline.progress import Progress
 from pipeline.quantize import Artifact
 from pipeline.source import ModelSource
-from pipeline.steps import evaluate, loadtest, preload, publish, quantize, resolve, verify
+from pipeline.steps import capacity, evaluate, loadtest, preload, publish, quantize, resolve, verify
 from pipeline.steps.base import StepFailure, StepRequest, StepResult, failed, timed
+from pipeline.steps.capacity import CapacityRequest
 from pipeline.steps.evaluate import EvaluateRequest
 from pipeline.steps.loadtest import LoadTestRequest
 from pipeline.steps.preload import PreloadRequest
@@ -44,7 +47,8 @@ AnyRequest = Annotated[
     | PreloadRequest
     | VerifyRequest
     | EvaluateRequest
-    | LoadTestRequest,
+    | LoadTestRequest
+    | CapacityRequest,
     Field(discriminator="step"),
 ]
 OUTPUTS: dict[str, type[BaseModel]] = {
@@ -55,12 +59,14 @@ OUTPUTS: dict[str, type[BaseModel]] = {
     "verify": VerifyResult,
     "evaluate": EvalReport,
     "loadtest": LoadReport,
+    "capacity": CapacityReport,
 }
 _REQUEST: TypeAdapter[AnyRequest] = TypeAdapter(AnyRequest)
 
 __all__ = [
     "OUTPUTS",
     "AnyRequest",
+    "CapacityRequest",
     "EvaluateRequest",
     "LoadTestRequest",
     "PreloadRequest",
@@ -130,4 +136,6 @@ def run(request: AnyRequest, progress: Progress | None = None) -> StepResult[Any
         return timed("verify", lambda: verify.run(request))
     if isinstance(request, EvaluateRequest):
         return timed("evaluate", lambda: evaluate.run(request, progress))
+    if isinstance(request, CapacityRequest):
+        return timed("capacity", lambda: capacity.run(request))
     return timed("loadtest", lambda: loadtest.run(request))
