@@ -18,6 +18,7 @@ from pipeline.errors import TerminalError
 from pipeline.gitops import GitOps, init_repo
 from pipeline.serve import choose_engine
 from pipeline.steps import verify as verify_step
+from pipeline.store import store_from_settings
 from pipeline.verify import verify_in_process
 
 CONFIG = """\
@@ -34,7 +35,14 @@ environments:
     values_file: envs/local/values.yaml
     cache: {{root: {cache}}}
     gpu_pool: {{gpus_per_replica: 0}}
-"""
+{gates}"""
+GATES = (
+    "    gates:\n"
+    "      eval: {suite: smoke}\n"
+    "      load:\n"
+    "        profile: {concurrency: 2, duration_s: 6, warmup_s: 1, prompt_tokens: 16, max_tokens: 8}\n"
+    "        slo: {latency_ms: {ttft_p95: 5000, e2e_p95: 20000}, max_error_rate: 0.01, min_requests: 5}\n"
+)
 
 
 @pytest.fixture(scope="module")
@@ -45,7 +53,7 @@ def shared_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture
 def site(tmp_path: Path, shared_cache: Path) -> Path:
     init_repo(tmp_path / "remote.git")
-    (tmp_path / "promotion.yaml").write_text(CONFIG.format(cache=shared_cache))
+    (tmp_path / "promotion.yaml").write_text(CONFIG.format(cache=shared_cache, gates=""))
     return tmp_path
 
 
@@ -79,7 +87,10 @@ def test_the_engine_is_vllm_unless_this_machines_build_cannot_serve_the_format(
 
 
 @pytest.mark.slow
-def test_the_record_names_the_engine_that_served_and_why_it_fell_back(tiny_model: Path, site: Path) -> None:
+def test_the_record_names_the_engine_that_served_and_why_it_fell_back(
+    tiny_model: Path, site: Path, shared_cache: Path
+) -> None:
+    (site / "promotion.yaml").write_text(CONFIG.format(cache=shared_cache, gates=GATES))
     cfg = load_config(site / "promotion.yaml")
     record = promotion.promote(cfg, "local", str(tiny_model), workdir=site / "work")
     assert record.decision == "promoted" and record.verify is not None and record.verify.passed
@@ -88,6 +99,12 @@ def test_the_record_names_the_engine_that_served_and_why_it_fell_back(tiny_model
     stored = GitOps.open(str(site / "remote.git"), site / "look").record("local", record.id)
     assert stored.served_by == record.served_by and stored.serving_fallback == record.serving_fallback
     assert record.verify.engine == engine
+    assert record.load_report is not None and record.load_report.served_by == record.served_by, "the load's server"
+    # the gates' reports are kept by the bytes' digest, where the guard and `modelctl gitops verify` read them
+    store = store_from_settings(cfg.artifacts)  # type: ignore[arg-type]
+    digest = record.artifact.manifest_digest  # type: ignore[union-attr]
+    assert store.get_report(digest, "eval") == json.loads(record.eval_report.model_dump_json())  # type: ignore[union-attr]
+    assert (store.get_report(digest, "load") or {}).get("served_by") == record.served_by
     if engine == "transformers":  # this machine's vLLM build has no 4-bit kernel: said, never silent
         assert record.served_by is not None and record.served_by.startswith("transformers ")
         assert record.serving_fallback == why and "no AVX-512" in why  # type: ignore[operator]
