@@ -152,7 +152,7 @@ def revert(
         kube.abort(env.rollout)
     timings["aborted_s"] = round(clock() - t0, 4)
     try:
-        commit = gitops.revert(promotion_id, reason=reason)
+        commit = gitops.revert(promotion_id, reason=reason, env=env_name, values_file=env.values_file)
     except PipelineError as exc:
         raise TerminalError(
             f"the Rollout {env.rollout.namespace}/{env.rollout.name} is aborted (traffic is on the stable version), "

@@ -296,7 +296,7 @@ def _revert(world: World, record: PromotionRecord, why: str) -> PromotionRecord:
         result = revert(world.kube, world.gitops, world.env_name, world.env, commit, reason)
         rollout = RolloutOutcome(final="reverted", reason=reason, revert=result)
     else:
-        world.gitops.revert(commit, reason=reason)
+        world.gitops.revert(commit, reason=reason, env=world.env_name, values_file=world.env.values_file)
     record = record.model_copy(update={"decision": "reverted", "reason": reason, "rollout": rollout})
     return _write(world, record)
 

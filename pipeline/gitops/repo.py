@@ -346,18 +346,43 @@ class GitOps:
             )
 
     @_locked
-    def revert(self, ref: str, reason: str = "", flow_run: str = "") -> CommitResult:
+    def revert(
+        self, ref: str, reason: str = "", flow_run: str = "", *, env: str = "", values_file: str = ""
+    ) -> CommitResult:
         """Undo a promotion (by promotion id or commit) with a new commit carrying its own trailers.
+
+        With ``env``, a commit the pipeline did not make (a person's: no trailers, or trailers without the record
+        the pipeline writes beside them) is reverted too, by sha; the revert's subject names it and its author.
 
         Raises:
             TerminalError: no such promotion, or later commits changed the same lines (revert those first).
         """
         self.sync()
-        prepared = self._prepare_revert(ref, reason, flow_run, new_promotion_id())
+        prepared = self._prepare_revert(ref, reason, flow_run, new_promotion_id(), env, values_file)
         return prepared if isinstance(prepared, CommitResult) else self.publish(prepared)
 
-    def _prepare_revert(self, ref: str, reason: str, flow_run: str, revert_id: str) -> Pending | CommitResult:
+    def _foreign(self, ref: str, env: str) -> HistoryEntry | None:
+        """A commit the pipeline did not make, named by its full sha, as a history entry keyed by it (else None)."""
+        if len(ref) != 40 or any(c not in "0123456789abcdef" for c in ref):
+            return None  # never a promotion id or a short sha that happens to resolve
+        try:
+            full = self._git("rev-parse", "--verify", "--quiet", f"{ref}^{{commit}}")
+        except PipelineError:
+            return None
+        if not full:
+            return None
+        author, stamp, subject = self._git("log", "-n", "1", "--format=%an <%ae>%x1f%ct%x1f%s", full).split("\x1f", 2)
+        return HistoryEntry(full, author, int(stamp), subject, promotion_id=full, env=env, action="promote")
+
+    def _prepare_revert(
+        self, ref: str, reason: str, flow_run: str, revert_id: str, env: str = "", values_file: str = ""
+    ) -> Pending | CommitResult:
         target = self._find(ref) or self._entry(ref)
+        foreign = False
+        if env and (
+            target is None or f"{RECORDS}/{target.env}/{target.promotion_id}.json" not in self._files(target.commit)
+        ):
+            target, foreign = self._foreign(ref, env), True  # a person's commit (a forged trailer included)
         if target is None or target.action != "promote":
             raise TerminalError(
                 f"{ref!r} is not a promotion commit or promotion id on {self.branch} of {self.remote}",
@@ -366,11 +391,13 @@ class GitOps:
         done = self._find_revert(target.promotion_id)
         if done is not None:
             return CommitResult(target.env, done.promotion_id, done.commit, done.subject, skipped=True)
-        files = self._git("show", "--name-only", "--format=", target.commit).splitlines()
-        values_file = next(f for f in files if not f.startswith(f"{RECORDS}/"))
+        files = self._files(target.commit)
+        if values_file not in files:
+            values_file = next(f for f in files if not f.startswith(f"{RECORDS}/"))
         base = self._tip()
+        merge = len(self._git("rev-list", "--parents", "-n", "1", target.commit).split()) > 2
         try:
-            self._git("revert", "--no-commit", target.commit)
+            self._git("revert", "--no-commit", *(["-m", "1"] if merge else []), target.commit)
         except PipelineError:
             self._git("revert", "--abort")
             who = self._git("log", "--format=%h %an: %s", f"{target.commit}..{base}", "--", values_file)
@@ -379,11 +406,14 @@ class GitOps:
                 + "; ".join(who.splitlines()),
                 hint="revert the later commits first, or promote the wanted model instead",
             ) from None
-        self._git("checkout", target.commit, "--", *[f for f in files if f.startswith(f"{RECORDS}/")])
+        records = [f for f in files if f.startswith(f"{RECORDS}/")]
+        if records:  # a revert keeps the records: history stays readable
+            self._git("checkout", target.commit, "--", *records)
         restored = YAML(typ="safe").load(self._read(values_file)) or {}
-        subject = self._scrub(
-            one_line(f"revert({target.env}): {target.promotion_id} {target.model}@{target.revision[:12]}")
-        )
+        what = f"{target.promotion_id} {target.model}@{target.revision[:12]}"
+        if foreign:
+            what = f"{target.commit[:12]} by {target.author}: {target.subject}"
+        subject = self._scrub(one_line(f"revert({target.env}): {what}"))
         now = {
             k: str(get_key(restored, f"model.{k.lower()}") or "") for k in ("Repo", "Revision", "Artifact", "Format")
         }
@@ -403,7 +433,7 @@ class GitOps:
         commit = self._commit(files_out, subject, trailers, base)
         return Pending(
             target.env, revert_id, values_file, keys, base, commit, subject,
-            redo=lambda: self._prepare_revert(target.commit, reason, flow_run, revert_id),
+            redo=lambda: self._prepare_revert(target.commit, reason, flow_run, revert_id, env, values_file),
         )  # fmt: skip
 
     def _log(self, *args: str, rev: str = "") -> list[HistoryEntry]:
@@ -429,6 +459,13 @@ class GitOps:
     def _find_revert(self, promotion_id: str) -> HistoryEntry | None:
         found = self._log("-n", "1", "--fixed-strings", f"--grep=Reverts: {promotion_id}")
         return found[0] if found else None
+
+    def _files(self, commit: str) -> list[str]:
+        """The files ``commit`` changed against its first parent (every file, for a first commit)."""
+        parents = self._git("rev-list", "--parents", "-n", "1", commit).split()[1:]
+        if not parents:
+            return self._git("show", "--name-only", "--format=", commit).splitlines()
+        return self._git("diff", "--name-only", parents[0], commit).splitlines()
 
     def _entry(self, commit: str) -> HistoryEntry | None:
         try:
