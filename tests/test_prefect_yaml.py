@@ -41,6 +41,7 @@ def test_prefect_deploy_accepts_the_project_file(prefect_harness: None) -> None:
     assert deployments["promote"].work_pool_name == "modelctl-kubernetes"
     assert [s.schedule.cron for s in deployments["watch"].schedules] == ["*/30 * * * *"]  # type: ignore[union-attr]
     assert [s.schedule.cron for s in deployments["reevaluate"].schedules] == ["17 * * * *"]  # type: ignore[union-attr]
+    assert [s.schedule.cron for s in deployments["guard"].schedules] == ["*/5 * * * *"]  # type: ignore[union-attr]
     defaults = pools["modelctl-kubernetes"].base_job_template["variables"]["properties"]
     assert defaults["namespace"]["default"] == "modelctl"
     assert "tolerations" not in defaults  # flow pods stay off the GPU pool; only the step Jobs go there
