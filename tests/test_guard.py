@@ -251,6 +251,8 @@ def test_modelctl_guard_once_and_status_show_a_persons_change_apart(local: tuple
     assert f"staging runs {commit[:12]} by Alice Person" in human.output and "unvetted" in human.output
     history = runner.invoke(app, ["history", "--env", "staging", "--config", str(config), "--json"])
     assert [e["action"] for e in json.loads(history.stdout)["entries"]] == ["unvetted"]
+    table = runner.invoke(app, ["history", "--env", "staging", "--config", str(config)]).output
+    assert "unvetted by the guard (a change the pipeline did not make)" in table
 
 
 def test_a_persons_commit_the_gate_refuses_is_reverted_here_too(local: tuple[Path, Path, LocalStore]) -> None:

@@ -136,7 +136,9 @@ def history(
         else "nothing (reverted to empty values)"
     )
     out.print(f"now running in {env}: {running}", highlight=False)
-    out.print(f"  promotion {now.promotion_id}, commit {short_sha(now.commit, wide)}", highlight=False)
+    guarded = now.action in ("guarded", "unvetted")  # a person's change the guard picked up
+    what = f"{now.action} by the guard (a change the pipeline did not make), record" if guarded else "promotion"
+    out.print(f"  {what} {now.promotion_id}, commit {short_sha(now.commit, wide)}", highlight=False)
 
 
 def _verdict(text: str) -> str:
