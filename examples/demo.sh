@@ -40,11 +40,25 @@ PY
 
 step "4. Promote a deliberately damaged copy: the eval gate refuses it, and nothing is committed"
 modelctl tinymodel damage "$out/tiny" "$out/tiny-damaged"
-if modelctl promote "$out/tiny-damaged" --env local -c "$config"; then
-  echo "the damaged candidate was promoted: the quality gate did not work" >&2
-  exit 1
-fi
-echo "(refused, as it should be: exit code 2 and the failing metrics named above)"
+# Refused it must be, and by the eval gate: any other failure (a held slot, a crash) fails the demo.
+set +e
+modelctl promote "$out/tiny-damaged" --env local -c "$config" --json > "$out/damaged.json"
+code=$?
+set -e
+python3 - "$out/damaged.json" "$code" <<'PY'
+import json, sys
+text, code = open(sys.argv[1]).read(), int(sys.argv[2])
+if code == 0:
+    sys.exit("the damaged candidate was promoted: the quality gate did not work")
+try:
+    result = json.loads(text)
+except ValueError:
+    sys.exit(f"the damaged candidate failed (exit {code}) without saying why: {text[-300:]!r}")
+reason = json.dumps(result)
+if code != 2 or "rejected" not in reason or "eval" not in reason:
+    sys.exit(f"the damaged candidate failed for another reason than the eval gate (exit {code}): {reason[:400]}")
+print(f"refused, as it should be, by the eval gate (exit {code}): {result.get('message')}"[:400])
+PY
 
 step "4b. Promote the same model again: it already runs there, so this is a skip under the original id"
 modelctl promote "$out/tiny" --env local -c "$config"
