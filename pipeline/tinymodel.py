@@ -66,7 +66,6 @@ ARCH: dict[str, Any] = {
 TRAIN: dict[str, Any] = {"steps": 600, "batch_size": 64, "lr": 3e-3, "warmup": 20, "weight_decay": 0.0}
 
 
-
 @dataclass(frozen=True)
 class Fact:
     entity: str
