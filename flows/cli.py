@@ -97,10 +97,13 @@ def _checked(config: Path, env: str, ids: dict[str, str | None]) -> None:
 def _run_promotion(as_json: bool, start: Callable[[], dict[str, Any]]) -> dict[str, Any]:
     """Run ``start`` with everything the libraries print sent to a per-run log (its path printed first), one
     line per step on the terminal as it ends, and the summary; on failure the log's tail."""
+    from pipeline import processes
     from pipeline.config import cache_home
     from pipeline.promotion import listening
     from pipeline.runlog import run_log
 
+    # Whatever this run starts dies with it, also by kill -9: Prefect's embedded server, servers, their children.
+    processes.watch_descendants()
     with run_log(cache_home() / "logs", name="promote", on_stderr=as_json) as log:
 
         def on_step(step: str, status: str) -> None:

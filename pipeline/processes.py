@@ -139,3 +139,69 @@ def stop(proc: subprocess.Popen[bytes], grace_s: float = 10.0) -> None:
         write_end, watchdog = found
         os.close(write_end)
         watchdog.wait()
+
+
+# The descendants' watchdog: while the watched process lives, note its whole tree every ``interval`` (ppid links
+# from /proc, so children that left its session or group are seen too); once it is gone (this watchdog's parent
+# changed), kill every noted process that is still the same process (start time), and whatever they started since.
+_TREE_WATCHDOG = """
+import os, signal, sys, time
+watched, interval = int(sys.argv[1]), float(sys.argv[2])
+def table():
+    rows = {}
+    for name in os.listdir("/proc"):
+        if name.isdigit():
+            try:
+                with open(f"/proc/{name}/stat") as f:
+                    fields = f.read().rsplit(")", 1)[-1].split()
+            except OSError:
+                continue
+            if fields[0] not in ("Z", "X"):
+                rows[int(name)] = (int(fields[1]), fields[19])
+    return rows
+def tree(rows, roots):
+    found, grew = dict(roots), True
+    while grew:
+        grew = False
+        for pid, (ppid, start) in rows.items():
+            if ppid in found and pid not in found and pid != os.getpid():
+                found[pid], grew = start, True
+    return found
+seen = {}
+while os.getppid() == watched:
+    rows = table()
+    seen.update(tree(rows, {watched: None}))
+    time.sleep(interval)
+seen.pop(watched, None)
+for sig in (signal.SIGTERM, signal.SIGKILL):
+    for _ in range(20 if sig == signal.SIGTERM else 3):
+        rows = table()
+        alive = {p: s for p, s in seen.items() if p in rows and rows[p][1] == s}
+        alive.update(tree(rows, alive))
+        seen.update(alive)
+        if not alive:
+            sys.exit(0)
+        for pid in alive:
+            try:
+                os.kill(pid, sig)
+            except OSError:
+                pass
+        time.sleep(0.1)
+"""
+
+
+def watch_descendants(interval_s: float = 0.5) -> subprocess.Popen[bytes]:
+    """Start a watchdog that kills every descendant of this process once this process dies (even by ``kill -9``).
+
+    For processes :func:`start` does not own: libraries' own subprocesses (Prefect's embedded server) and their
+    children, which may have left our group or session. The watchdog notes the tree every ``interval_s`` while we
+    live; when we are gone it sends SIGTERM, then SIGKILL after ~2 s, to those still alive. Call it once, early, in
+    a command's process (`modelctl promote`); it also ends what is left when the command exits normally.
+    """
+    return subprocess.Popen(
+        [sys.executable, "-I", "-S", "-c", _TREE_WATCHDOG, str(os.getpid()), str(interval_s)],
+        start_new_session=True,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
