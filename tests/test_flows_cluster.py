@@ -25,6 +25,7 @@ from pipeline.evaluate import LocalWeights, evaluate, load_suite
 from pipeline.gitops import GitOps, init_repo
 from pipeline.quantize import Artifact
 from pipeline.steps import StepResult, StoredArtifact, manifest_digest
+from pipeline.verify import VerifyResult
 from tests.loadservers import MODEL, Behaviour, running
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -50,7 +51,12 @@ def world(tmp_path: Path, quantized: Callable[[str, str], Artifact], monkeypatch
     report = evaluate(LocalWeights(Path(entry.path)), load_suite("smoke"))
     digest = manifest_digest(artifact)
     stored = StoredArtifact(artifact_id=artifact.id, manifest_digest=digest, uri="file:///models", files=artifact.files)
-    outputs = {"quantize": artifact, "publish": stored, "preload": entry, "evaluate": report}
+    # The verify Job's answer as its vLLM sidecar would give it (the sidecar itself is tested in test_vllm*.py).
+    verified = VerifyResult(
+        digest=digest, passed=True, served_by="vllm 0.32.0", args_sha256="", completion=" Paris",
+        prompt_logprobs=4, verified_at=datetime.now(UTC).isoformat(),
+    )  # fmt: skip
+    outputs = {"quantize": artifact, "publish": stored, "preload": entry, "verify": verified, "evaluate": report}
     for step, output in outputs.items():
         result = StepResult[type(output)](  # type: ignore[misc]
             step=step, status="succeeded", started_at=datetime.now(UTC), seconds=1.0, output=output
@@ -66,6 +72,9 @@ def config_for(world: dict, endpoint: str, duration_s: float = 0.6, concurrency:
     cfg = yaml.safe_load((ROOT / "examples" / "cluster" / "promotion.yaml").read_text())
     cfg["gitops"]["url"] = str(world["remote"])
     cfg["model"]["served_name"] = MODEL
+    # The example's Hub store cannot be reached here: the Jobs' answers are canned, and the reports the flow
+    # keeps by manifest digest go to a local store.
+    cfg["artifacts"] = {"store": "local", "path": str(world["tmp"] / "artifact-store")}
     for env in cfg["environments"].values():
         env["endpoint"] = endpoint
         env["approval"] = {"required": False}
@@ -116,10 +125,11 @@ def test_staging_then_prod_walk_to_healthy(prefect_harness: None, tiny_model: Pa
     ran = sorted(
         (j["metadata"]["labels"]["modelctl.io/environment"], j["metadata"]["labels"]["modelctl.io/step"]) for j in jobs
     )
-    steps = ("evaluate", "preload", "publish", "quantize")
+    steps = ("evaluate", "preload", "publish", "quantize", "verify")
     assert ran == [(env, step) for env in ("prod", "staging") for step in steps], "each step one Job, reused on re-run"
-    # The refused run asked for quantize and publish; the re-run asked for them again (answered 409: reused).
-    assert len(cluster.server.sent("create", "/namespaces/llm-prod/jobs")) == 6
+    # The refused run asked for quantize and publish; the re-run asked for them again (answered 409: reused)
+    # and for preload, verify and evaluate.
+    assert len(cluster.server.sent("create", "/namespaces/llm-prod/jobs")) == 7
 
 
 @pytest.mark.slow

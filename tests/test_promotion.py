@@ -114,6 +114,7 @@ def test_editing_promotion_yaml_mid_run_changes_nothing_in_that_run(tiny_model: 
     assert values(site, "prod")["model"].get("artifact") in (None, ""), "the edited values_file was not used"
     assert [e for e in hooks.events if e.endswith(":started")] == [
         "resolve:started", "quantize:started", "publish:started", "preload:started", "verify:started",
+        "commit:started",
     ]  # fmt: skip
     stored = GitOps.open(str(site / "remote.git"), site / "look").record("local", record.id)
     assert stored.artifact is not None and stored.artifact.manifest_digest == record.artifact.manifest_digest  # type: ignore[union-attr]
