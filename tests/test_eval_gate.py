@@ -78,6 +78,13 @@ def test_an_improvement_passes_and_says_so(suite: Suite) -> None:
     assert result.rows[0].baseline == 0.6 and result.rows[0].stderr == 0.01
 
 
+def test_an_equal_score_says_it_equals_the_baseline_never_minus_zero(suite: Suite) -> None:
+    baseline = _report({MMLU: (0.6, 0.01), GSM: (0.4, 0.01)})
+    result = eval_gate(_report({MMLU: (0.6, 0.01), GSM: (0.4, 0.01)}), baseline, suite)
+    assert result.passed
+    assert all("equals the baseline" in row.why and "-0" not in row.why for row in result.rows)
+
+
 def test_relative_and_absolute_allowances_take_the_smaller() -> None:
     both = MetricPolicy(max_regression_abs=0.05, max_regression_rel=0.02)
     assert allowed_regression(both, 0.5) == pytest.approx(0.01)

@@ -107,7 +107,10 @@ def judge_metric(
         return GateRow(**row, verdict="inconclusive", why=why + note)
     drop = sign * (base.value - value.value)
     worse = "below" if policy.higher_is_better else "above"
-    if drop <= 0:
+    if drop == 0:  # said as such: "-0 above the baseline" read as a regression to people
+        why = f"{_fmt(value.value)} equals the baseline {_fmt(base.value)}: no regression"
+        return GateRow(**row, verdict="pass", why=why + note)
+    if drop < 0:
         better = "above" if policy.higher_is_better else "below"
         why = f"{_fmt(value.value)} is {_fmt(-drop)} {better} the baseline {_fmt(base.value)}: no regression"
         return GateRow(**row, verdict="pass", why=why + note)
