@@ -23,9 +23,8 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "tests"))  # the fake cluster is test-only code
 
-from cluster.fake import FakeCluster, rollout_manifest  # noqa: E402
+from sandbox.cluster import FakeCluster, rollout_manifest  # noqa: E402
 
 from pipeline.canary import revert  # noqa: E402
 from pipeline.config import ArgoCDApp, CanaryPolicy, RolloutRef, load_config  # noqa: E402

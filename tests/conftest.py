@@ -87,8 +87,8 @@ def quantized(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Cal
 
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     """Fail the run when gitops/rbac refused any call the pipeline made in a cluster test, even one the code
-    tolerates (a best-effort log read): the fake API server records them all (tests/cluster/rbac.py)."""
-    rbac = sys.modules.get("cluster.rbac") or sys.modules.get("tests.cluster.rbac")
+    tolerates (a best-effort log read): the fake API server records them all (sandbox/rbac.py)."""
+    rbac = sys.modules.get("sandbox.rbac")
     if rbac is None:
         return
     denied = rbac.describe(use.attrs for use in rbac.session_uses() if not use.allowed)

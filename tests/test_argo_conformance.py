@@ -17,9 +17,9 @@ from typing import Any
 
 import pytest
 import yaml
-from cluster.fake import rollout_manifest
-from cluster.rollouts import ROLLOUT, RolloutsSimulator, controller_phase
-from cluster.store import Store
+from sandbox.cluster import rollout_manifest
+from sandbox.rollouts import ROLLOUT, RolloutsSimulator, controller_phase
+from sandbox.store import Store
 
 from pipeline.config import CanaryPolicy
 from pipeline.kube.rollouts import abort_patch, promote_full_patch, promote_patch, retry_patch

@@ -12,8 +12,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from cluster.fake import FakeCluster, rollout_manifest
-from cluster.workloads import add_gpu_node, add_gpu_pod
+from sandbox.cluster import FakeCluster, rollout_manifest
+from sandbox.workloads import add_gpu_node, add_gpu_pod
 
 from pipeline.canary import Check, deploy, guarded, revert
 from pipeline.config import ArgoCDApp, CanaryPolicy, load_config

@@ -6,9 +6,9 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
-from cluster.fake import FakeCluster
+from sandbox.cluster import FakeCluster
 from cluster.fixtures import cluster_fixture  # noqa: F401  (the fixture)
-from cluster.workloads import add_gpu_node, add_gpu_pod
+from sandbox.workloads import add_gpu_node, add_gpu_pod
 
 from pipeline.config import GpuPool, load_config
 from pipeline.errors import ConfigError, TerminalError

@@ -15,9 +15,9 @@ from pathlib import Path
 
 import pytest
 import yaml
-from cluster.fake import FakeCluster, rollout_manifest
-from cluster.store import BY_KIND
-from cluster.workloads import JobPlan, add_gpu_node
+from sandbox.cluster import FakeCluster, rollout_manifest
+from sandbox.store import BY_KIND
+from sandbox.workloads import JobPlan, add_gpu_node
 
 from pipeline.cache import preload
 from pipeline.errors import TerminalError

@@ -16,8 +16,8 @@ from typing import Any
 
 import pytest
 import yaml
-from cluster.argocd import default_render
-from cluster.fake import FakeCluster, rollout_manifest
+from sandbox.argocd import default_render
+from sandbox.cluster import FakeCluster, rollout_manifest
 
 from pipeline.canary import deploy
 from pipeline.cli import app

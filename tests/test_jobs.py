@@ -9,9 +9,9 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
-from cluster.fake import FakeCluster
-from cluster.store import BY_KIND
-from cluster.workloads import JobPlan
+from sandbox.cluster import FakeCluster
+from sandbox.store import BY_KIND
+from sandbox.workloads import JobPlan
 
 from pipeline.config import load_config
 from pipeline.errors import TerminalError, TransientError

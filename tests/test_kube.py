@@ -7,10 +7,10 @@ from pathlib import Path
 
 import git
 import pytest
-from cluster.fake import VALUES_FILE, FakeCluster, commit_values, rollout_manifest
+from sandbox.cluster import VALUES_FILE, FakeCluster, commit_values, rollout_manifest
 from cluster.fixtures import cluster_fixture, gitops_repo_fixture  # noqa: F401  (the fixtures)
-from cluster.store import ApiError
-from cluster.workloads import JobPlan, add_gpu_node, add_gpu_pod
+from sandbox.store import ApiError
+from sandbox.workloads import JobPlan, add_gpu_node, add_gpu_pod
 from kubernetes import client
 
 from pipeline.config import ArgoCDApp, CanaryPolicy, GpuPool, RolloutRef

@@ -17,10 +17,10 @@ from pathlib import Path
 
 import git
 import pytest
-from cluster import rbac
-from cluster.fake import PIPELINE, FakeCluster, commit_values, rollout_manifest
-from cluster.store import BY_KIND, Obj, Store
-from cluster.workloads import JobPlan, add_gpu_node
+from sandbox import rbac
+from sandbox.cluster import PIPELINE, FakeCluster, commit_values, rollout_manifest
+from sandbox.store import BY_KIND, Obj, Store
+from sandbox.workloads import JobPlan, add_gpu_node
 from kubernetes import client
 from kubernetes.client.exceptions import ApiException
 

@@ -12,7 +12,7 @@ from pathlib import Path
 import git
 import pytest
 
-from .fake import FakeCluster, commit_values
+from sandbox.cluster import FakeCluster, commit_values
 
 
 @pytest.fixture(name="cluster")

@@ -11,7 +11,7 @@ import pytest
 import yaml
 from kubernetes import client, watch
 
-from .fake import VALUES_FILE, FakeCluster, commit_values, rollout_manifest
+from sandbox.cluster import VALUES_FILE, FakeCluster, commit_values, rollout_manifest
 
 ARGO = ("argoproj.io", "v1alpha1")
 

@@ -22,11 +22,13 @@ from pathlib import Path
 
 import yaml
 
+from pipeline.resources import resource_dir
+
 from .store import BY_KIND, ApiError, Obj, Store
 
 ADMIN_USER = "kubernetes-admin"
 MASTERS = "system:masters"  # the admin group: authorized for everything, as the real server's privileged group
-RBAC_DIR = Path(__file__).resolve().parents[2] / "gitops" / "rbac"
+RBAC_DIR = resource_dir("gitops") / "rbac"
 
 
 @dataclass(frozen=True)
