@@ -50,7 +50,7 @@ lint: $(STAMP)
 	$(BIN)/ruff format --check .
 
 typecheck: $(STAMP)
-	$(BIN)/mypy pipeline flows
+	$(BIN)/mypy pipeline flows sandbox
 
 test: lint typecheck $(VLLM_STAMP)
 	$(BIN)/python -m pytest $(PYTEST_ARGS)

@@ -17,19 +17,17 @@ import argparse
 import json
 import statistics
 import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 
-from sandbox.cluster import FakeCluster, rollout_manifest  # noqa: E402
-
 from pipeline.canary import revert  # noqa: E402
 from pipeline.config import ArgoCDApp, CanaryPolicy, RolloutRef, load_config  # noqa: E402
 from pipeline.gitops import GitOps, Promotion, init_repo  # noqa: E402
 from pipeline.kube import Backoff, Kube  # noqa: E402
+from sandbox.cluster import FakeCluster, rollout_manifest  # noqa: E402
 
 VALUES = "envs/staging/values.yaml"
 STEPS = [{"setWeight": 10}, {"pause": {}}, {"setWeight": 100}]

@@ -12,6 +12,7 @@ abort, abortedAt, promoteFull, conditions, observedGeneration (a string) and rep
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import math
@@ -99,7 +100,7 @@ class RolloutsSimulator:
         for item in items:
             key = (item["metadata"]["namespace"], item["metadata"]["name"])
             if key not in self.held:
-                self.store.update(ROLLOUT, key[0], key[1], lambda obj, key=key: self._reconcile(key, obj))
+                self.store.update(ROLLOUT, key[0], key[1], functools.partial(self._reconcile, key))
 
     # the controller ------------------------------------------------------------------------------------------
     def _reconcile(self, key: tuple[str, str], obj: Obj) -> None:

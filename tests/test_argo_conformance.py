@@ -17,13 +17,13 @@ from typing import Any
 
 import pytest
 import yaml
-from sandbox.cluster import rollout_manifest
-from sandbox.rollouts import ROLLOUT, RolloutsSimulator, controller_phase
-from sandbox.store import Store
 
 from pipeline.config import CanaryPolicy
 from pipeline.kube.rollouts import abort_patch, promote_full_patch, promote_patch, retry_patch
 from pipeline.rollout import ObservedRollout, Wait, argocd_health, decide, observe_rollout, rollout_phase
+from sandbox.cluster import rollout_manifest
+from sandbox.rollouts import ROLLOUT, RolloutsSimulator, controller_phase
+from sandbox.store import Store
 
 ROOT = Path(__file__).resolve().parent.parent
 ARGO = Path(os.environ.get("MODELCTL_SHARED_ARGO", ROOT.parent / "shared" / "argo")) / "rollout"

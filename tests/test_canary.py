@@ -12,8 +12,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from sandbox.cluster import FakeCluster, rollout_manifest
-from sandbox.workloads import add_gpu_node, add_gpu_pod
 
 from pipeline.canary import Check, deploy, guarded, revert
 from pipeline.config import ArgoCDApp, CanaryPolicy, load_config
@@ -23,6 +21,8 @@ from pipeline.gates import GateResult, GateRow
 from pipeline.gitops import GitOps, Promotion, init_repo
 from pipeline.kube import Backoff, Kube
 from pipeline.rollout import ObservedRollout
+from sandbox.cluster import FakeCluster, rollout_manifest
+from sandbox.workloads import add_gpu_node, add_gpu_pod
 
 ROOT = Path(__file__).resolve().parent.parent
 VALUES = "envs/staging/values.yaml"

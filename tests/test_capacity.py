@@ -6,14 +6,14 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
-from sandbox.cluster import FakeCluster
 from cluster.fixtures import cluster_fixture  # noqa: F401  (the fixture)
-from sandbox.workloads import add_gpu_node, add_gpu_pod
 
 from pipeline.config import GpuPool, load_config
 from pipeline.errors import ConfigError, TerminalError
 from pipeline.kube import Backoff, Kube
 from pipeline.kube.capacity import check_fits, pool_capacity
+from sandbox.cluster import FakeCluster
+from sandbox.workloads import add_gpu_node, add_gpu_pod
 
 L4 = {"cloud.google.com/gke-accelerator": "nvidia-l4"}
 

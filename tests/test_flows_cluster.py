@@ -15,9 +15,6 @@ from pathlib import Path
 
 import pytest
 import yaml
-from sandbox.cluster import FakeCluster, rollout_manifest
-from sandbox.store import BY_KIND
-from sandbox.workloads import JobPlan, add_gpu_node
 
 from pipeline.cache import preload
 from pipeline.errors import TerminalError
@@ -26,6 +23,9 @@ from pipeline.gitops import GitOps, init_repo
 from pipeline.quantize import Artifact
 from pipeline.steps import StepResult, StoredArtifact, manifest_digest
 from pipeline.verify import VerifyResult
+from sandbox.cluster import FakeCluster, rollout_manifest
+from sandbox.store import BY_KIND
+from sandbox.workloads import JobPlan, add_gpu_node
 from tests.loadservers import MODEL, Behaviour, running
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -16,8 +16,6 @@ from typing import Any
 
 import pytest
 import yaml
-from sandbox.argocd import default_render
-from sandbox.cluster import FakeCluster, rollout_manifest
 
 from pipeline.canary import deploy
 from pipeline.cli import app
@@ -38,6 +36,8 @@ from pipeline.guard import GuardResult, guard
 from pipeline.kube import Backoff, Kube
 from pipeline.rollout import ObservedRollout
 from pipeline.store import LocalStore
+from sandbox.argocd import default_render
+from sandbox.cluster import FakeCluster, rollout_manifest
 from tests.test_gitops_verify import config_text, edit, git, model, publish, runner
 
 ROOT = Path(__file__).resolve().parent.parent

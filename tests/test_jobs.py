@@ -9,9 +9,6 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
-from sandbox.cluster import FakeCluster
-from sandbox.store import BY_KIND
-from sandbox.workloads import JobPlan
 
 from pipeline.config import load_config
 from pipeline.errors import TerminalError, TransientError
@@ -20,6 +17,9 @@ from pipeline.kube import Backoff, Kube
 from pipeline.quantize import Recipe
 from pipeline.source import ModelSource, SourcePolicy
 from pipeline.steps import PreloadRequest, PublishRequest, QuantizeRequest, StepFailure, StepResult, StoredArtifact
+from sandbox.cluster import FakeCluster
+from sandbox.store import BY_KIND
+from sandbox.workloads import JobPlan
 
 ROOT = Path(__file__).resolve().parent.parent
 CONFIG = load_config(ROOT / "examples" / "cluster" / "promotion.yaml")

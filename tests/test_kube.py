@@ -7,10 +7,7 @@ from pathlib import Path
 
 import git
 import pytest
-from sandbox.cluster import VALUES_FILE, FakeCluster, commit_values, rollout_manifest
 from cluster.fixtures import cluster_fixture, gitops_repo_fixture  # noqa: F401  (the fixtures)
-from sandbox.store import ApiError
-from sandbox.workloads import JobPlan, add_gpu_node, add_gpu_pod
 from kubernetes import client
 
 from pipeline.config import ArgoCDApp, CanaryPolicy, GpuPool, RolloutRef
@@ -18,6 +15,9 @@ from pipeline.errors import Conflict, Forbidden, NotFound, TerminalError, Transi
 from pipeline.gates import GateResult, GateRow
 from pipeline.kube import ARGO, Backoff, Kube
 from pipeline.rollout import Abort, Done, Promote, Wait, decide
+from sandbox.cluster import VALUES_FILE, FakeCluster, commit_values, rollout_manifest
+from sandbox.store import ApiError
+from sandbox.workloads import JobPlan, add_gpu_node, add_gpu_pod
 
 APP = ArgoCDApp(application="llm-staging", namespace="argocd")
 REF = RolloutRef(name="llm", namespace="llm-staging")

@@ -17,10 +17,6 @@ from pathlib import Path
 
 import git
 import pytest
-from sandbox import rbac
-from sandbox.cluster import PIPELINE, FakeCluster, commit_values, rollout_manifest
-from sandbox.store import BY_KIND, Obj, Store
-from sandbox.workloads import JobPlan, add_gpu_node
 from kubernetes import client
 from kubernetes.client.exceptions import ApiException
 
@@ -32,6 +28,10 @@ from pipeline.jobs import job_manifest
 from pipeline.kube import Backoff, Kube
 from pipeline.rollout import Done, Promote, Wait, decide
 from pipeline.steps.preload import PreloadRequest
+from sandbox import rbac
+from sandbox.cluster import PIPELINE, FakeCluster, commit_values, rollout_manifest
+from sandbox.store import BY_KIND, Obj, Store
+from sandbox.workloads import JobPlan, add_gpu_node
 
 ROOT = Path(__file__).resolve().parent.parent
 CONFIG = load_config(ROOT / "examples" / "cluster" / "promotion.yaml")
