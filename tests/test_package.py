@@ -29,6 +29,7 @@ SOURCES = (
     "constraints.txt",
     "pipeline",
     "flows",
+    "sandbox",
     "gitops",
     "evaluations",
 )
