@@ -22,7 +22,7 @@ kubernetes_validate = pytest.importorskip("kubernetes_validate", reason="needs k
 
 GITOPS = Path(__file__).resolve().parent.parent / "gitops"
 CHART_DIR = GITOPS / CHART
-ENVS = ("local", "staging", "prod")
+ENVS = ("local", "staging", "prod", "sandbox")
 K8S_VERSION = "1.33"
 CRD_FILES = {
     "Rollout": "argo-rollouts-v1.9.1-rollout-crd.yaml",
