@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: demo test lint typecheck venv vllm vllm-version clean
+.PHONY: demo test lint typecheck venv vllm vllm-version prometheus clean
 
 venv: $(STAMP)
 
@@ -33,6 +33,12 @@ $(VLLM_STAMP): pipeline/serving-requirements.txt
 	$(VLLM_VENV)/bin/python -c "import vllm.entrypoints.openai.api_server"
 	touch $(VLLM_STAMP)
 
+# The sandbox's metrics: a real Prometheus (Debian's package; the sandbox starts it itself on 127.0.0.1 with a
+# generated scrape config, so the package's own service is never used). Installed once, as root (CI runs as root).
+prometheus:
+	@command -v prometheus >/dev/null || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq prometheus >/dev/null; }
+	@prometheus --version 2>&1 | head -1
+
 # torch first and alone, pinned: pip then takes the CPU wheel from its find-links instead of pulling a
 # multi-GB CUDA build when another package asks for torch. constraints.txt pins the rest of the stack to
 # the versions resolved and tested together.
@@ -42,7 +48,7 @@ $(STAMP): pyproject.toml constraints.txt
 	$(BIN)/python -m pip install --quiet -c constraints.txt -e '.[test]'
 	touch $(STAMP)
 
-demo: $(STAMP) $(VLLM_STAMP)
+demo: $(STAMP) $(VLLM_STAMP) prometheus
 	PATH="$(abspath $(BIN)):$$PATH" bash examples/demo.sh
 
 lint: $(STAMP)
@@ -52,7 +58,7 @@ lint: $(STAMP)
 typecheck: $(STAMP)
 	$(BIN)/mypy pipeline flows sandbox
 
-test: lint typecheck $(VLLM_STAMP)
+test: lint typecheck $(VLLM_STAMP) prometheus
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 clean:

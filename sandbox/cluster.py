@@ -69,6 +69,22 @@ def rollout_manifest(
     }
 
 
+def write_kubeconfig(path: Path, server: str, token: str) -> Path:
+    """An ordinary kubeconfig: the server's URL and a bearer token (written readable by the owner only)."""
+    user = {"name": "sandbox", "user": {"token": token}}
+    config = {
+        "apiVersion": "v1",
+        "kind": "Config",
+        "current-context": "sandbox",
+        "clusters": [{"name": "sandbox", "cluster": {"server": server}}],
+        "users": [user],
+        "contexts": [{"name": "sandbox", "context": {"cluster": "sandbox", "user": "sandbox"}}],
+    }
+    path.touch(mode=0o600)
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
 class FakeCluster:
     """What tests get: ``api_client`` for the official client, the simulators, and ``tick()``."""
 
@@ -93,21 +109,7 @@ class FakeCluster:
 
     def write_kubeconfig(self, path: Path, identity: rbac.Identity | None = None) -> Path:
         """A kubeconfig for the fake API server with a bearer token of ``identity`` (default: the pipeline's)."""
-        who = identity or self.identity
-        user = {"name": "fake", "user": {"token": self.server.token(who)}}
-        path.write_text(
-            yaml.safe_dump(
-                {
-                    "apiVersion": "v1",
-                    "kind": "Config",
-                    "current-context": "fake",
-                    "clusters": [{"name": "fake", "cluster": {"server": self.server.url}}],
-                    "users": [user],
-                    "contexts": [{"name": "fake", "context": {"cluster": "fake", "user": "fake"}}],
-                }
-            )
-        )
-        return path
+        return write_kubeconfig(path, self.server.url, self.server.token(identity or self.identity))
 
     @staticmethod
     def _client(kubeconfig: Path) -> client.ApiClient:
