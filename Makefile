@@ -36,7 +36,7 @@ $(VLLM_STAMP): pipeline/serving-requirements.txt
 # The sandbox's metrics: a real Prometheus (Debian's package; the sandbox starts it itself on 127.0.0.1 with a
 # generated scrape config, so the package's own service is never used). Installed once, as root (CI runs as root).
 prometheus:
-	@command -v prometheus >/dev/null || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq prometheus >/dev/null; }
+	@command -v prometheus >/dev/null || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus >/dev/null; }
 	@prometheus --version 2>&1 | head -1
 
 # torch first and alone, pinned: pip then takes the CPU wheel from its find-links instead of pulling a
