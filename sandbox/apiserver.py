@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import json
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, Literal
@@ -109,6 +110,8 @@ class FakeApiServer:
         self.faults: list[Fault] = []
         self.requests: list[Request] = []
         self.pod_logs: dict[tuple[str, str], str] = {}
+        # the kubelet's logs: (namespace, pod, container or None) -> text, or None for a pod it does not run
+        self.log_provider: Callable[[str, str, str | None], str | None] | None = None
         self.tokens = rbac.Tokens()
         self.admin_token = self.tokens.issue(rbac.ADMIN)
         self.session_record = True  # add non-admin requests to rbac.SESSION_USES (off once a test edits RBAC)
@@ -266,7 +269,10 @@ class _Handler(BaseHTTPRequestHandler):
             raise ApiError(405, "MethodNotAllowed", f"{method} needs an object name")
         if route.subresource == "log":
             store.get(r, ns, name or "")
-            text = self.api.pod_logs.get((ns, name or ""), "")
+            provider, provided = self.api.log_provider, None
+            if provider is not None:
+                provided = provider(ns, name or "", route.query.get("container"))
+            text = provided if provided is not None else self.api.pod_logs.get((ns, name or ""), "")
             tail = route.query.get("tailLines")
             if tail:
                 text = "\n".join(text.splitlines()[-int(tail) :]) + "\n"
