@@ -28,7 +28,7 @@ from pipeline.rollout import Abort, Done, ObservedRollout, Promote, Wait, decide
 Check = Callable[[ObservedRollout], GateResult]
 Clock = Callable[[], float]
 
-__all__ = ["RevertResult", "RolloutOutcome", "StepEvent", "deploy", "guarded", "revert", "walk"]
+__all__ = ["RevertResult", "RolloutOutcome", "StepEvent", "deploy", "figures", "guarded", "revert", "walk"]
 
 
 def _require_cluster(env_name: str, env: Environment) -> None:
@@ -78,7 +78,17 @@ def walk(
             if action.check:
                 result = check(seen)
                 checks.append(result)
-                events.append(StepEvent(at=seen.step, action="check", reason=result.summary(), seconds=elapsed))
+                events.append(
+                    StepEvent(
+                        at=seen.step,
+                        action="check",
+                        reason=result.summary(),
+                        seconds=elapsed,
+                        weight=seen.weight,
+                        figures=figures(result),
+                        verdict=result.verdict,
+                    )
+                )
                 if result.verdict != "fail":
                     kube.sleep(policy.check_interval_s)
             else:
@@ -86,11 +96,27 @@ def walk(
             continue
         if isinstance(action, Promote):
             kube.promote(env.rollout)
-            events.append(StepEvent(at=seen.step, action="promote", reason=action.reason, seconds=elapsed))
+            events.append(
+                StepEvent(at=seen.step, action="promote", reason=action.reason, seconds=elapsed, weight=seen.weight)
+            )
             checks = []
             continue
-        events.append(StepEvent(at=seen.step, action=action.kind, reason=action.reason, seconds=elapsed))
+        events.append(
+            StepEvent(at=seen.step, action=action.kind, reason=action.reason, seconds=elapsed, weight=seen.weight)
+        )
         return action
+
+
+def figures(result: GateResult) -> dict[str, float | None]:
+    """The figures a check's verdict came from: row name -> value for each row with a value, and
+    ``"<name> baseline"`` -> baseline for a row compared with one (the metrics check's stable TTFT p95)."""
+    found: dict[str, float | None] = {}
+    for row in result.rows:
+        if row.value is not None:
+            found.setdefault(row.name, row.value)
+        if row.baseline is not None:
+            found.setdefault(f"{row.name} baseline", row.baseline)
+    return found
 
 
 def deploy(

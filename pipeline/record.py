@@ -23,7 +23,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from pipeline.errors import TerminalError, first_problem
 from pipeline.evaluate.report import EvalReport
-from pipeline.gates import GateResult
+from pipeline.gates import GateResult, Verdict
 from pipeline.loadtest.capacity import CapacityReport
 from pipeline.loadtest.capacity_plan import CapacityPlan
 from pipeline.loadtest.report import LoadReport
@@ -60,12 +60,20 @@ def promotion_id_time(promotion_id: str) -> datetime:
 
 
 class StepEvent(BaseModel):
-    """One thing the canary driver did, with why: what the record's canary table shows."""
+    """One thing the canary driver did, with why: what the record's canary table (the timeline) shows.
+
+    ``weight`` is the canary weight in force at that step; a check event also keeps the figures its verdict came
+    from (row name -> value; a row compared with a baseline adds ``"<name> baseline"``, e.g. stable's TTFT p95)
+    and the verdict. Records written before these fields existed read them as None.
+    """
 
     at: str
     action: Literal["synced", "check", "promote", "abort", "done", "revert"]
     reason: str
     seconds: float
+    weight: int | None = Field(None, description="the canary weight (%) in force at this step")
+    figures: dict[str, float | None] | None = Field(None, description="a check's figures: row name -> value")
+    verdict: Verdict | None = Field(None, description="a check's verdict: pass, fail or inconclusive")
 
 
 class RevertResult(BaseModel):

@@ -63,6 +63,7 @@ class ObservedRollout:
     spec_paused: bool = False
     conditions: tuple[Condition, ...] = ()
     step_pause_s: float | None = None  # the current step's pause duration, when it is a timed pause
+    weight: int | None = None  # the canary weight in force: the last setWeight at or before the current step
     # what the computed phase (no status.phase) and the observation checks read
     has_status: bool = True
     strategy: str = "canary"  # "canary", "blueGreen", or "" (none: an invalid spec)
@@ -174,6 +175,7 @@ def observe_rollout(obj: dict[str, Any]) -> ObservedRollout:
             for c in (conditions if isinstance(conditions, list) else [])
         ),
         step_pause_s=None if duration is None else duration_seconds(duration),
+        weight=0 if status.get("abort") else weight_at(steps_list, index),
         has_status=obj.get("status") is not None,
         strategy="blueGreen" if "blueGreen" in strategy else "canary" if canary is not None else "",
         steps_listed=steps is not None,
@@ -189,6 +191,16 @@ def observe_rollout(obj: dict[str, Any]) -> ObservedRollout:
         workload_generation=_text((annotations or {}).get(WORKLOAD_GENERATION)),
         workload_observed_generation=_text(status.get("workloadObservedGeneration")),
     )
+
+
+def weight_at(steps: list[Any], index: Any) -> int | None:
+    """The canary weight in force at step ``index``: the last ``setWeight`` at or before it (None before any, or
+    with no step index). An index past the last step (the canary completed) reads the last setWeight."""
+    if not isinstance(index, int) or isinstance(index, bool) or index < 0:
+        return None
+    weights = [s.get("setWeight") for s in steps[: index + 1] if isinstance(s, dict)]
+    found = [w for w in weights if isinstance(w, int) and not isinstance(w, bool)]
+    return found[-1] if found else None
 
 
 def duration_seconds(duration: Any) -> float:

@@ -268,3 +268,200 @@ def test_status_shows_a_dangling_promotion(stage: Stage, tmp_path: Path, monkeyp
     with stage.kube.hold_lease("staging", "llm-staging", "flow-run-7"):  # a live promotion drives it: not dangling
         busy = CliRunner().invoke(app, [*args, "--json"])
     assert json.loads(busy.stdout)["environments"][0]["dangling"] is None
+
+
+# the timeline: weight and figures at each step -----------------------------------------------------------------
+def metrics_like(canary_s: float, stable_s: float) -> GateResult:
+    """A check built from the metrics check's own rows (pipeline.checks.metrics_rows), as Prometheus would feed it."""
+    from pipeline.checks import metrics_rows
+
+    return GateResult(gate="canary metrics", rows=metrics_rows(canary_s, stable_s, 0.0, ENV))
+
+
+def test_walk_records_the_weight_and_the_figures_that_decided_and_the_timeline_shows_them(stage: Stage) -> None:
+    from rich.console import Console
+
+    from pipeline.cli.timeline import timeline_rows, timeline_table
+
+    promotion, commit = stage.promote("awq-w4a16-g128-0000000000000011")
+    with stage.cluster.running():
+        outcome = deploy(
+            stage.kube, stage.gitops, "staging", ENV, commit, promotion.id, lambda _: metrics_like(0.09, 0.08)
+        )
+    assert outcome.final == "done", outcome.reason
+    checks_ = [e for e in outcome.steps if e.action == "check"]
+    assert [e.weight for e in checks_] == [10, 10, 50, 50]  # the last setWeight at or before each pause step
+    assert all(e.verdict == "pass" for e in checks_)
+    figures = checks_[0].figures or {}
+    assert figures["canary ttft_p95 vs stable"] == 90 and figures["canary ttft_p95 vs stable baseline"] == 80
+    assert figures["canary 5xx ratio"] == 0.0
+    promotes = [e for e in outcome.steps if e.action == "promote"]
+    assert [e.weight for e in promotes] == [10, 50] and promotes[0].figures is None
+
+    rows = timeline_rows(outcome)
+    assert rows[1]["canary_ttft_p95_ms"] == 90 and rows[1]["stable_ttft_p95_ms"] == 80 and rows[1]["decision"] == "pass"
+    console = Console(width=140, record=True)
+    console.print(timeline_table(outcome))
+    text = console.export_text()
+    assert "canary TTFT p95" in text and "stable TTFT p95" in text
+    assert "90 ms" in text and "80 ms" in text and "10%" in text and "50%" in text and "promote" in text
+
+
+def test_a_failed_check_shows_its_figures_and_the_abort_at_weight_zero(stage: Stage) -> None:
+    promotion, commit = stage.promote("awq-w4a16-g128-0000000000000012")
+    with stage.cluster.running():
+        outcome = deploy(
+            stage.kube, stage.gitops, "staging", ENV, commit, promotion.id, lambda _: metrics_like(0.9, 0.1)
+        )
+    assert outcome.final == "reverted" and "900 ms vs stable 100 ms" in outcome.reason
+    failed = next(e for e in outcome.steps if e.action == "check")
+    assert failed.verdict == "fail" and failed.weight == 10
+    assert (failed.figures or {})["canary ttft_p95 vs stable"] == 900
+
+
+def test_records_written_before_the_timeline_fields_still_load() -> None:
+    from pipeline.record import PromotionRecord
+
+    old = {
+        "id": "0123456789abcdef", "env": "staging", "decision": "promoted",
+        "rollout": {"final": "done", "reason": "Healthy", "steps": [
+            {"at": "step 1/5", "action": "check", "reason": "canary gate passed (1 checks)", "seconds": 3.5},
+        ]},
+    }  # fmt: skip
+    import json
+
+    record = PromotionRecord.from_json(json.dumps(old))
+    assert record.rollout is not None
+    event = record.rollout.steps[0]
+    assert event.weight is None and event.figures is None and event.verdict is None
+
+
+def test_the_weight_in_force_is_the_last_set_weight_and_zero_once_aborted() -> None:
+    from pipeline.rollout import observe_rollout
+
+    def seen(index: int | None, abort: bool = False) -> ObservedRollout:
+        status = {"currentStepIndex": index, "abort": abort} if index is not None else {}
+        return observe_rollout({"metadata": {"generation": 1}, "spec": {"strategy": {"canary": {"steps": STEPS}}},
+                                "status": status})  # fmt: skip
+
+    assert [seen(i).weight for i in range(6)] == [10, 10, 50, 50, 100, 100]
+    assert seen(None).weight is None
+    assert seen(1, abort=True).weight == 0
+
+
+# Argo CD reports that a commit cannot be synced -----------------------------------------------------------------
+def app_state(status: dict[str, object], refresh_pending: bool = False) -> object:
+    from pipeline.kube.argocd import AppState
+
+    annotations = {"argocd.argoproj.io/refresh": "normal"} if refresh_pending else {}
+    return AppState.of({"metadata": {"annotations": annotations}, "status": status})
+
+
+def test_sync_failed_reads_failed_operations_and_render_errors_of_this_commit_only() -> None:
+    from pipeline.kube.argocd import AppState
+
+    sha, other = "c" * 40, "d" * 40
+
+    def state(status: dict[str, object], refresh_pending: bool = False) -> AppState:
+        result = app_state(status, refresh_pending)
+        assert isinstance(result, AppState)
+        return result
+
+    def operation(phase: str, revision: str) -> dict[str, object]:
+        return {"operationState": {"phase": phase, "message": "one or more objects failed to apply",
+                                   "operation": {"sync": {"revision": revision}}}}  # fmt: skip
+
+    for phase in ("Failed", "Error"):
+        why = state(operation(phase, sha)).sync_failed(sha)
+        assert why is not None and f"ended {phase}" in why and "failed to apply" in why
+    assert state(operation("Failed", other)).sync_failed(sha) is None, "another commit's failure"
+    assert state(operation("Running", sha)).sync_failed(sha) is None, "retrying: still a wait"
+    helm = "Failed to load target state: failed to generate manifest for source 1 of 1: helm template: nil pointer"
+    broken = {"sync": {"status": "Unknown"}, "conditions": [{"type": "ComparisonError", "message": helm}]}
+    assert state(broken, refresh_pending=True).sync_failed(sha) is None, "Argo CD has not re-read Git yet"
+    why = state(broken).sync_failed(sha)
+    assert why is not None and "ComparisonError" in why and "nil pointer" in why
+    dns = "Failed to load target state: failed to list refs: dial tcp: lookup github.com: i/o timeout"
+    unreachable = {"sync": {"status": "Unknown"}, "conditions": [{"type": "ComparisonError", "message": dns}]}
+    assert state(unreachable).sync_failed(sha) is None, "an unreachable repository may come back"
+    attempt = {"conditions": [{"type": "SyncError", "message": f"Failed sync attempt to {sha}: one or more..."}]}
+    assert "SyncError" in (state(attempt).sync_failed(sha) or "")
+    assert state(attempt).sync_failed(other) is None
+    live = {"sync": {"status": "Synced", "revision": sha}, "conditions": [{"type": "ComparisonError", "message": helm}],
+            "operationState": {"phase": "Succeeded", "syncResult": {"revision": sha}}}  # fmt: skip
+    assert state(live).sync_failed(sha) is None, "already applied: not this commit's failure"
+
+
+def test_a_sync_argo_cd_reports_failed_reverts_the_promotion_with_argos_message(stage: Stage) -> None:
+    """Argo CD tries the commit and the sync operation ends Failed (as it writes it); the pipeline reverts at once."""
+    import git
+
+    from sandbox.store import BY_KIND
+
+    argocd = stage.cluster.argocd
+    assert argocd is not None
+    before = stage.template_hash()
+    promotion, commit = stage.promote("awq-w4a16-g128-0000000000000013")
+    message = 'one or more objects failed to apply, reason: Rollout.argoproj.io "llm-inference" is invalid'
+
+    def failed(obj: dict[str, object]) -> None:
+        status = obj.setdefault("status", {})
+        assert isinstance(status, dict)
+        status["operationState"] = {
+            "operation": {"sync": {"revision": commit}}, "phase": "Failed", "message": message,
+            "startedAt": "2026-01-01T00:00:00Z", "finishedAt": "2026-01-01T00:00:01Z",
+            "syncResult": {"revision": commit},
+        }  # fmt: skip
+
+    def gate() -> bool:  # the sync of the promoted commit fails; once Git moved on (the revert), syncs succeed
+        with git.Repo(stage.remote) as repo:
+            head = repo.commit("main").hexsha
+        if head == commit:
+            stage.cluster.store.update(BY_KIND["Application"], "argocd", "llm-inference-staging", failed)
+            return False
+        return True
+
+    argocd.sync_gate["llm-inference-staging"] = gate
+    with stage.cluster.running():
+        outcome = deploy(stage.kube, stage.gitops, "staging", ENV, commit, promotion.id, checks()[1])
+    assert outcome.final == "reverted"
+    assert f"cannot make commit {commit[:12]} live" in outcome.reason and "ended Failed" in outcome.reason
+    assert message in outcome.reason
+    assert [e.action for e in outcome.steps] == ["revert"], "no canary step ran"
+    assert stage.gitops.history("staging")[0].reverts == promotion.id
+    assert stage.template_hash() == before
+    assert stage.seen().client_phase == "Healthy"
+
+
+def test_timeline_command_prints_a_records_canary_and_says_when_git_has_none(stage: Stage, tmp_path: Path) -> None:
+    import json
+
+    from typer.testing import CliRunner
+
+    from pipeline.cli import app
+    from pipeline.record import PromotionRecord
+
+    promotion, commit = stage.promote("awq-w4a16-g128-0000000000000014")
+    with stage.cluster.running():
+        outcome = deploy(
+            stage.kube, stage.gitops, "staging", ENV, commit, promotion.id, lambda _: metrics_like(0.11, 0.1)
+        )
+    finished = PromotionRecord(id=promotion.id, env="staging", decision="promoted", rollout=outcome)
+    path = tmp_path / "promote.json"
+    path.write_text(json.dumps({"ok": True, "record": json.loads(finished.to_json())}))  # `modelctl promote --json`
+    runner = CliRunner()
+    shown = runner.invoke(app, ["timeline", "--record", str(path)])
+    assert shown.exit_code == 0, shown.output
+    assert f"canary of promotion {promotion.id}: done" in shown.output
+    assert "110 ms" in shown.output and "100 ms" in shown.output and "50%" in shown.output
+    as_json = json.loads(runner.invoke(app, ["timeline", "--record", str(path), "--json"]).output)
+    check = next(s for s in as_json["steps"] if s["action"] == "check")
+    assert check["weight"] == 10 and check["canary_ttft_p95_ms"] == 110 and check["stable_ttft_p95_ms"] == 100
+
+    config = tmp_path / "promotion.yaml"
+    text = (ROOT / "examples" / "cluster" / "promotion.yaml").read_text()
+    config.write_text(text.replace("https://github.com/example-org/llm-gitops.git", str(stage.remote)))
+    from_git = runner.invoke(app, ["timeline", "--env", "staging", "-c", str(config), "--workdir", str(tmp_path / "w")])
+    assert from_git.exit_code == 2
+    assert f"the record of promotion {promotion.id} in Git has no canary timeline" in from_git.output
+    assert "--record FILE" in from_git.output

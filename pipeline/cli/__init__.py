@@ -30,11 +30,16 @@ def _options(debug: DebugFlag = False) -> None:
 # The commands that run Prefect flows (promote, rollback, approve) are added by flows/cli.py, which composes
 # this app with them: `pipeline` itself never imports Prefect or flows/.
 AREAS = (
-    "config", "tinymodel", "artifacts", "gitops", "verify", "lease", "loadtest", "evaluate", "status", "guard", "step",
+    "config", "tinymodel", "artifacts", "gitops", "verify", "lease", "loadtest", "evaluate", "status", "timeline",
+    "guard", "step",
 )  # fmt: skip
 
 for _area in AREAS:
     import_module(f"pipeline.cli.{_area}").register(app)
+
+# `modelctl sandbox up|down|status`: the simulated cluster. sandbox.cli imports only typer at the top (the
+# cluster's own modules load when a command runs), so `modelctl --help` stays fast.
+import_module("sandbox.cli").register(app)
 
 
 @app.command()

@@ -26,12 +26,17 @@ class AppState:
     reconciled_at: str | None
     finished_at: str | None
     refresh_pending: bool = False
+    operation_sync_revision: str | None = None  # operationState.operation.sync.revision: what the sync was asked for
+    operation_message: str | None = None
+    conditions: tuple[tuple[str, str], ...] = ()  # status.conditions[]: (type, message)
 
     @classmethod
     def of(cls, obj: dict[str, Any]) -> AppState:
         status = obj.get("status") or {}
         sync, health, op = status.get("sync") or {}, status.get("health") or {}, status.get("operationState") or {}
         revisions = sync.get("revisions") or []
+        asked = ((op.get("operation") or {}).get("sync") or {}).get("revision")
+        conditions = status.get("conditions")
         return cls(
             sync_status=sync.get("status"),
             sync_revision=sync.get("revision") or (revisions[0] if revisions else None),
@@ -42,6 +47,13 @@ class AppState:
             reconciled_at=status.get("reconciledAt"),
             finished_at=op.get("finishedAt"),
             refresh_pending=REFRESH in ((obj.get("metadata") or {}).get("annotations") or {}),
+            operation_sync_revision=asked,
+            operation_message=op.get("message"),
+            conditions=tuple(
+                (str(c.get("type", "")), str(c.get("message", "")))
+                for c in (conditions if isinstance(conditions, list) else [])
+                if isinstance(c, dict)
+            ),
         )
 
     def _applied(self, sha: str) -> str | None:
@@ -70,11 +82,42 @@ class AppState:
         """Commit ``sha`` is applied and freshly assessed Degraded: waiting longer will not help."""
         return self._applied(sha) is None and self.health == "Degraded" and self._fresh()
 
+    def sync_failed(self, sha: str) -> str | None:
+        """Why Argo CD will not make commit ``sha`` live however long one waits, or None.
+
+        - the sync operation of ``sha`` ended ``Failed`` or ``Error`` (with ``syncPolicy.retry`` Argo CD keeps the
+          phase ``Running`` between attempts, so this is after the last one);
+        - Argo CD cannot render the manifests (a ``ComparisonError`` condition such as a Helm template failure,
+          read once it has re-read Git after the refresh asked for), unless the message says the repository could
+          not be reached, which may pass;
+        - a ``SyncError`` condition naming ``sha`` (a failed automated sync attempt to it).
+        """
+        if self.operation_phase in SYNC_FAILED and sha in (self.operation_revision, self.operation_sync_revision):
+            return f"the sync of {sha[:12]} ended {self.operation_phase}: {self.operation_message or 'no message'}"
+        if self._applied(sha) is None:
+            return None
+        for kind, message in self.conditions:
+            if kind == "ComparisonError" and not self.refresh_pending and not _unreachable(message):
+                return f"Argo CD cannot render the manifests (ComparisonError): {message or 'no message'}"
+            if kind == "SyncError" and sha in message:
+                return f"Argo CD failed to sync {sha[:12]} (SyncError): {message}"
+        return None
+
     def describe(self) -> str:
         return (
             f"sync {self.sync_status} at {(self.sync_revision or '-')[:12]}, operation {self.operation_phase}, "
             f"health {self.health}{f' ({self.health_message})' if self.health_message else ''}"
         )
+
+
+SYNC_FAILED = ("Failed", "Error")
+# ComparisonError messages of a repository Argo CD could not reach (it retries): not the commit's fault.
+UNREACHABLE = ("failed to list refs", "authentication required", "dial tcp", "i/o timeout", "connection refused")
+
+
+def _unreachable(message: str) -> bool:
+    lowered = message.lower()
+    return any(text in lowered for text in UNREACHABLE)
 
 
 class ArgoCD(KubeClient):
@@ -105,8 +148,12 @@ class ArgoCD(KubeClient):
     def wait_synced(self, app: ArgoCDApp, sha: str, timeout_s: float, accept_suspended: bool = True) -> AppState:
         """Wait (watching the Application) until commit ``sha`` is synced and healthy by the ARGO.md rules.
 
+        Fails fast when Argo CD reports that this commit cannot be synced (:meth:`AppState.sync_failed`): a failed
+        sync operation of ``sha``, manifests it cannot render (a Helm template failure), a failed sync attempt.
+
         Raises:
-            TerminalError: not live within ``timeout_s``; the message says what was last seen.
+            TerminalError: the sync of ``sha`` failed (Argo CD's message named), or not live within ``timeout_s``;
+                the message says what was last seen.
         """
         deadline = self.clock() + timeout_s
         name = f"{app.namespace}/{app.application}"
@@ -115,6 +162,13 @@ class ArgoCD(KubeClient):
             state = AppState.of(obj)
             if state.missing_for(sha, accept_suspended) is None:
                 return state
+            failed = state.sync_failed(sha)
+            if failed:
+                raise TerminalError(
+                    f"Argo CD application {name} cannot make commit {sha[:12]} live: {failed}",
+                    hint="fix the values in Git (`modelctl plan` validates them against the chart's schema); the "
+                    "pipeline reverts the failed commit so Argo CD goes back to the last good one",
+                )
             if state.degraded_at(sha):
                 raise TerminalError(
                     f"Argo CD application {name} synced commit {sha[:12]} but it is Degraded: "
@@ -143,6 +197,8 @@ class ArgoCD(KubeClient):
                 ):
                     seen = AppState.of(event["object"])
                     if seen.missing_for(sha, accept_suspended) is None or seen.degraded_at(sha):
+                        break
+                    if seen.sync_failed(sha):
                         break
                     if self.clock() > deadline:
                         break
