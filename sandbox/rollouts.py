@@ -5,9 +5,14 @@ deterministic; a clock can be injected to let timed pauses and progress deadline
 Knobs: :meth:`set_canary_ready` (a canary whose pods never become ready: unhealthy or stuck Pending) and
 :meth:`hold` (the controller does not reconcile the Rollout at all: the generation stays unobserved).
 
-Replica sets are kept as counts in the simulator (no ReplicaSet objects); the Rollout's status carries what a
-client reads: phase, message, currentStepIndex, currentPodHash, stableRS, pauseConditions, controllerPause,
-abort, abortedAt, promoteFull, conditions, observedGeneration (a string) and replica counts.
+Two modes. Count mode (the default): replica sets are counts in the simulator, readiness follows the knobs.
+Pods mode (``pods=True``): the simulator owns Pod objects per pod-template hash, as the real controller's
+ReplicaSets do (:mod:`sandbox.replicasets`), a kubelet runs them, and readiness is their Ready condition; the old
+ReplicaSet is scaled down only once the new one is Ready. In both, the canary and stable Services' selectors are
+pinned to their hashes, and background analysis runs against ``prometheus_url`` (:mod:`sandbox.rollout_analysis`;
+off without one). The Rollout's status carries what a client reads: phase, message, currentStepIndex,
+currentPodHash, stableRS, pauseConditions, controllerPause, abort, abortedAt, promoteFull, conditions,
+observedGeneration (a string), replica counts and status.canary's analysis run.
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ import functools
 import hashlib
 import json
 import math
+import random
 import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -24,6 +30,8 @@ from typing import Any
 
 from pipeline.rollout import calculate_phase, observe_rollout
 
+from .replicasets import ReplicaSets, point_services
+from .rollout_analysis import INCONCLUSIVE, BackgroundAnalysis
 from .store import BY_KIND, Obj, Store
 
 ROLLOUT = BY_KIND["Rollout"]
@@ -71,14 +79,30 @@ class _State:
     ready: dict[str, int] = field(default_factory=dict)
     last_progress: datetime | None = None
     revision: int = 0
+    desired: dict[str, int] = field(default_factory=dict)  # pods mode: what the pods should be per hash
+    surge: str | None = None  # pods mode: the hash whose readiness gates scaling the others down
+    abort_message: str = ""  # why the controller aborted (a failed AnalysisRun), for the Progressing condition
 
 
 class RolloutsSimulator:
     """Reconciles Rollouts in ``store``. Thread-safe with respect to API clients (atomic store updates)."""
 
-    def __init__(self, store: Store, clock: Clock = utcnow) -> None:
+    def __init__(
+        self,
+        store: Store,
+        clock: Clock = utcnow,
+        *,
+        pods: bool = False,
+        prometheus_url: str | None = None,
+        rng: random.Random | None = None,
+    ) -> None:
+        """``pods``: own Pod objects (a kubelet runs them) instead of counts; ``prometheus_url``: the Prometheus
+        every AnalysisTemplate's address maps to (None: analysis off, said in the Rollout's status)."""
         self.store = store
         self.clock = clock
+        self.pods = pods
+        self.replicasets = ReplicaSets(store, rng)
+        self.analysis = BackgroundAnalysis(store, prometheus_url, clock)
         self.unready: dict[tuple[str, str], str] = {}  # canary pods never ready, with the reason shown
         self.held: set[tuple[str, str]] = set()
         self._state: dict[tuple[str, str], _State] = {}
@@ -99,8 +123,12 @@ class RolloutsSimulator:
         items, _ = self.store.list(ROLLOUT, None)
         for item in items:
             key = (item["metadata"]["namespace"], item["metadata"]["name"])
-            if key not in self.held:
-                self.store.update(ROLLOUT, key[0], key[1], functools.partial(self._reconcile, key))
+            if key in self.held:
+                continue
+            state = self._state.setdefault(key, _State())
+            self.analysis.sync(item, state.revision)  # measurements query Prometheus: outside the store lock
+            updated = self.store.update(ROLLOUT, key[0], key[1], functools.partial(self._reconcile, key))
+            self.analysis.sync(updated, state.revision)  # a completed or aborted Rollout stops its run now
 
     # the controller ------------------------------------------------------------------------------------------
     def _reconcile(self, key: tuple[str, str], obj: Obj) -> None:
@@ -114,25 +142,39 @@ class RolloutsSimulator:
 
         if stable is None:  # first sight: the first template is stable at once, without steps
             status.update(stableRS=current, currentPodHash=current, currentStepIndex=len(steps))
-            state.replicas, state.ready, stable = {current: want}, {current: want}, current
+            self._want(state, {current: want})
+            stable, state.last_progress = current, now
             self._progressing(status, now, "NewReplicaSetAvailable", "Rollout is healthy")
         elif current != status.get("currentPodHash"):
             if current == stable:  # template back to stable: clear abort and pauses, no steps
                 self._clear_update(status)
                 status.update(currentPodHash=current, currentStepIndex=len(steps))
-                state.replicas, state.ready = {current: want}, {current: want}
+                self._want(state, {current: want})
+                state.abort_message = ""
                 self._progressing(status, now, "RolloutCompleted", "Rollback to stable ReplicaSets")
             else:  # a new revision: start the canary at step 0
                 self._clear_update(status)
                 state.revision += 1
                 status.update(currentPodHash=current, currentStepIndex=0)
-                state.replicas = {stable: want, current: 0}
-                state.ready = {stable: want, current: 0}
-                state.last_progress = now
+                if self.pods:
+                    self._want(state, {stable: want, current: 0}, surge=current)
+                else:
+                    state.replicas = {stable: want, current: 0}
+                    state.ready = {stable: want, current: 0}
+                state.last_progress, state.abort_message = now, ""
                 self._progressing(status, now, "ReplicaSetUpdated", f"Updated Rollout to revision {state.revision}")
 
+        canary_status, abort_message = self.analysis.apply(obj)
+        if abort_message and not state.abort_message:
+            state.abort_message = abort_message
         if current != stable:
             self._canary(key, obj, state, steps, want, now)
+        if self.pods:
+            if status["currentPodHash"] == status["stableRS"]:
+                self._want(state, {current: want})  # steady: follow spec.replicas (a scale by hand or KEDA)
+            self._observe(obj, state, want, now)
+        aborted = bool(status.get("abort")) and status["currentPodHash"] != status["stableRS"]
+        point_services(self.store, obj, status["stableRS"] if aborted else status["currentPodHash"], status["stableRS"])
         status.update(
             observedGeneration=str(obj["metadata"].get("generation", 1)),
             replicas=sum(state.replicas.values()),
@@ -140,7 +182,7 @@ class RolloutsSimulator:
             readyReplicas=sum(state.ready.values()),
             availableReplicas=sum(state.ready.values()),
         )
-        status["canary"] = {}
+        status["canary"] = canary_status
         status["selector"] = f"rollouts-pod-template-hash={status['currentPodHash']}"
         status.pop("phase", None)
         status.pop("message", None)
@@ -155,32 +197,37 @@ class RolloutsSimulator:
         spec, status = obj["spec"], obj["status"]
         current, stable = status["currentPodHash"], status["stableRS"]
         if status.get("abort"):  # traffic back to stable at once, step index reset
-            state.replicas, state.ready = {stable: want, current: 0}, {stable: want, current: 0}
+            if self.pods:
+                self._want(state, {stable: want, current: 0})
+            else:
+                state.replicas, state.ready = {stable: want, current: 0}, {stable: want, current: 0}
             status["currentStepIndex"] = 0
             status.pop("pauseConditions", None)
             status["controllerPause"] = False
             status.setdefault("abortedAt", rfc3339(now))
             if self._reason(status) != "RolloutAborted":
                 message = f"Rollout aborted update to revision {state.revision}"
+                message += f": {state.abort_message}" if state.abort_message else ""
                 self._progressing(status, now, "RolloutAborted", message)
             return
         if self._reason(status) == "RolloutAborted":  # retry: {"status":{"abort":false}}
             status.pop("abortedAt", None)
-            state.last_progress = now
+            state.last_progress, state.abort_message = now, ""
             self._progressing(status, now, "ReplicaSetUpdated", "Rollout is resumed")
         if status.get("promoteFull"):  # skip every remaining step and pause
             status["currentStepIndex"] = len(steps)
             status.pop("pauseConditions", None)
             status["controllerPause"] = False
-        if spec.get("paused"):
+        if spec.get("paused") or INCONCLUSIVE in {c.get("reason") for c in status.get("pauseConditions") or []}:
+            self._deadline(obj, state, now)
             return
         while True:
             index = int(status.get("currentStepIndex") or 0)
             if index >= len(steps):  # after the last step the new ReplicaSet becomes stable, when ready
-                if self._scale(key, state, current, stable, want, 0, want, now):
+                if self._scale(key, obj, state, (current, stable), want, 0, want, now):
                     status["stableRS"] = current
                     status.pop("promoteFull", None)
-                    state.replicas, state.ready = {current: want}, {current: want}
+                    self._want(state, {current: want})
                     self._progressing(status, now, "NewReplicaSetAvailable", "Rollout is healthy")
                 break
             step = steps[index]
@@ -188,7 +235,7 @@ class RolloutsSimulator:
                 weight = int(step["setWeight"])
                 canary = 0 if weight == 0 else min(want, max(1, math.ceil(want * weight / 100)))
                 stable_count = 0 if weight >= 100 else max(1, want - canary)
-                if not self._scale(key, state, current, stable, canary, stable_count, want, now):
+                if not self._scale(key, obj, state, (current, stable), canary, stable_count, want, now):
                     break
             elif "pause" in step and not self._pause(status, step["pause"] or {}, now):
                 break
@@ -198,21 +245,57 @@ class RolloutsSimulator:
     def _scale(
         self,
         key: tuple[str, str],
+        obj: Obj,
         state: _State,
-        current: str,
-        stable: str,
+        hashes: tuple[str, str],
         canary: int,
         stable_n: int,
         want: int,
         now: datetime,
     ) -> bool:
-        """Scale both ReplicaSets; True when the canary's pods are all ready (a weight step is then done)."""
-        state.replicas = {stable: stable_n, current: canary} if stable != current else {current: want}
+        """Scale both ReplicaSets; True when the canary's pods are all ready (a weight step is then done). In pods
+        mode the stable ReplicaSet shrinks only once the canary's pods are Ready."""
+        current, stable = hashes
+        desired = {stable: stable_n, current: canary} if stable != current else {current: want}
+        if self.pods:
+            self._want(state, desired, surge=current)
+            before = state.ready.get(current)
+            counts = self.replicasets.sync(obj, state.desired, state.surge)
+            state.replicas, state.ready = counts.replicas, counts.ready
+            if counts.ready.get(current, 0) != before:
+                state.last_progress = now
+            return counts.ready.get(current, 0) >= canary and counts.replicas.get(stable, 0) <= desired[stable]
+        state.replicas = desired
         ready_canary = 0 if key in self.unready else canary
         if state.ready.get(current) != ready_canary:
             state.last_progress = now
         state.ready = {stable: stable_n, current: ready_canary}
         return ready_canary == canary
+
+    def _want(self, state: _State, desired: dict[str, int], surge: str | None = None) -> None:
+        """The replica counts per hash: taken as they are in count mode, what the pods are synced to in pods mode."""
+        if self.pods:
+            state.desired, state.surge = dict(desired), surge
+        else:
+            state.replicas, state.ready = dict(desired), dict(desired)
+
+    def _observe(self, obj: Obj, state: _State, want: int, now: datetime) -> None:
+        """Pods mode: sync the pods to what is wanted and count them; with no canary in flight, pods that never get
+        Ready (a crashing first version) reach the progress deadline too, and recover from it once they are."""
+        status = obj["status"]
+        before = state.ready.get(status["currentPodHash"])
+        counts = self.replicasets.sync(obj, state.desired, state.surge)
+        state.replicas, state.ready = counts.replicas, counts.ready
+        if status["currentPodHash"] != status["stableRS"]:
+            return
+        ready = counts.ready.get(status["currentPodHash"], 0)
+        if ready != before:
+            state.last_progress = now
+        if ready >= want and counts.replicas.get(status["currentPodHash"], 0) == sum(counts.replicas.values()):
+            if self._reason(status) == "ProgressDeadlineExceeded":
+                self._progressing(status, now, "NewReplicaSetAvailable", "Rollout is healthy")
+        else:
+            self._deadline(obj, state, now)
 
     def _pause(self, status: Obj, pause: Obj, now: datetime) -> bool:
         """A pause step: True when it is over (promoted by a client, or its duration has passed)."""
