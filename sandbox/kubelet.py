@@ -300,7 +300,7 @@ class Kubelet:
         terminated = {"exitCode": exit_code, "reason": reason, "startedAt": started, "finishedAt": now_rfc3339()}
         c.proc, c.exit_code = None, exit_code
         policy = restart_policy(run.policy, c.role)
-        if policy == "Always" or (policy == "OnFailure" and exit_code != 0) or c.stopping:
+        if policy == "Always" or (policy == "OnFailure" and exit_code != 0):
             delay = backoff_s(c.restarts)
             c.last_state = {"terminated": terminated}
             c.retry_at, c.pending_restart = self.clock() + delay, True

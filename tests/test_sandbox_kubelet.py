@@ -208,6 +208,34 @@ def test_mount_paths_map_to_host_dirs_and_back() -> None:
     assert argv == ["--port", "4123", "--port=4123", "http://127.0.0.1:4123/x", "/tmp/sb/volumes/ns/cache"]
 
 
+def test_the_chart_vllm_container_and_the_pipeline_image_become_local_commands(tmp_path: Path) -> None:
+    runtime = Runtime(vllm_python=tmp_path / "vllm-python", pipeline_python=tmp_path / "python")
+    chart = {
+        "name": "vllm",
+        "image": "registry.example/vllm/vllm-openai:v0.32.0",
+        "command": ["vllm", "serve"],
+        "args": ["/models/tiny", "--served-model-name=llm", "--port=8000", "--max-model-len=256"],
+    }
+    argv, env = runtime.argv(chart)
+    assert argv == [
+        str(tmp_path / "vllm-python"),
+        "-m",
+        "vllm.entrypoints.openai.api_server",
+        "--model",
+        "/models/tiny",
+        "--served-model-name=llm",
+        "--max-model-len=256",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        "8000",
+    ]
+    assert env["VLLM_CPU_KVCACHE_SPACE"] == "1"
+    step: Obj = {"name": "quantize", "image": "ghcr.io/example-org/modelctl:0.1.0"}
+    step["command"] = ["python", "-m", "pipeline", "step", "run", "--request", "{}"]
+    assert runtime.argv(step)[0] == [str(tmp_path / "python"), "-m", "pipeline", "step", "run", "--request", "{}"]
+
+
 def test_env_comes_from_values_and_secrets_and_a_missing_required_secret_blocks_the_start(
     server: FakeApiServer, kubelet: Kubelet
 ) -> None:
@@ -258,6 +286,19 @@ def test_a_crashing_always_pod_backs_off_and_restarts(server: FakeApiServer, kub
     until(kubelet, lambda: state(get(server, "crash"))["restartCount"] == 1)
     until(kubelet, lambda: "back-off 20s" in str(state(get(server, "crash"))["state"]))
     assert kubelet.read_log(NS, "crash", "main") == "boom\nboom\n"
+
+
+def test_a_failing_liveness_probe_kills_and_restarts_the_container(
+    server: FakeApiServer, kubelet: Kubelet, clock: Clock
+) -> None:
+    dead = {"exec": {"command": ["python", "-c", "raise SystemExit(1)"]}, "periodSeconds": 1, "failureThreshold": 2}
+    server.store.create(POD, NS, pod("web", [web_container(livenessProbe=dead)]))
+    until(kubelet, lambda: ready_pod(server, "web"))
+    waiting = until(kubelet, lambda: state(get(server, "web"))["state"].get("waiting"))
+    assert waiting["reason"] == "CrashLoopBackOff" and not is_ready(get(server, "web"))
+    assert state(get(server, "web"))["lastState"]["terminated"]["exitCode"] == 143, "ended by SIGTERM"
+    clock.now += 10
+    until(kubelet, lambda: state(get(server, "web"))["restartCount"] == 1)
 
 
 def test_a_native_sidecar_starts_first_and_is_stopped_when_the_main_container_ends(
