@@ -111,15 +111,19 @@ class BackgroundAnalysis:
 
     # helpers -------------------------------------------------------------------------------------------------
     def _current(self, key: Key, status: Obj) -> Obj | None:
-        shown = ((status.get("canary") or {}).get("currentBackgroundAnalysisRunStatus") or {}).get("name")
-        name = self.current.get(key) or shown
+        """The Rollout's run for its current pod hash; a run of another hash (a superseded canary) is stopped."""
+        name = self.current.get(key)
         if not name:
             return None
         try:
-            return self.store.get(ANALYSISRUN, key[0], name)
+            run = self.store.get(ANALYSISRUN, key[0], name)
         except ApiError:
             self.current.pop(key, None)
             return None
+        if run["metadata"].get("labels", {}).get(HASH_LABEL) != status.get("currentPodHash"):
+            self._stop(key, run, forget=True)
+            return None
+        return run
 
     def _stop(self, key: Key, run: Obj | None, forget: bool) -> None:
         if run is not None and self.runs is not None:
