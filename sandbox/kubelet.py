@@ -261,7 +261,8 @@ class Kubelet:
             if c.role == "init" and c.done and c.exit_code != 0:
                 self._finish(run, "Failed")
                 return
-            if (c.role == "init" and not c.done) or (c.role == "sidecar" and not c.started):
+            waiting = not c.done if c.role == "init" else not c.started
+            if waiting and not run.initialized():
                 return
         for c in run.mains():
             self._drive(run, c)

@@ -108,6 +108,7 @@ class PodRun:
     containers: list[ContainerRun]
     phase: str = "Pending"
     start_time: str = field(default_factory=now_rfc3339)
+    init_done: bool = False
     transitions: dict[str, tuple[str, str]] = field(default_factory=dict)  # condition -> (status, since)
 
     @property
@@ -125,13 +126,14 @@ class PodRun:
         return [c for c in self.containers if c.role != "main"]
 
     def initialized(self) -> bool:
-        """Every plain init container completed and every sidecar started, in order."""
-        for c in self.inits():
-            if c.role == "init" and not (c.done and c.exit_code == 0):
-                return False
-            if c.role == "sidecar" and not c.started:
-                return False
-        return True
+        """Every plain init container completed and every sidecar started, in order (once true, it stays true:
+        a sidecar that restarts later does not hold the main containers back)."""
+        if not self.init_done:
+            self.init_done = all(
+                (c.role == "init" and c.done and c.exit_code == 0) or (c.role == "sidecar" and c.started)
+                for c in self.inits()
+            )
+        return self.init_done
 
     def container(self, name: str | None) -> ContainerRun | None:
         """A container by name; None: the pod's only main container (as `kubectl logs` picks it)."""
