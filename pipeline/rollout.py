@@ -195,9 +195,11 @@ def observe_rollout(obj: dict[str, Any]) -> ObservedRollout:
 
 def weight_at(steps: list[Any], index: Any) -> int | None:
     """The canary weight in force at step ``index``: the last ``setWeight`` at or before it (None before any, or
-    with no step index). An index past the last step (the canary completed) reads the last setWeight."""
+    with no step index). Past the last step the canary has completed: 100, as Argo Rollouts promotes it fully."""
     if not isinstance(index, int) or isinstance(index, bool) or index < 0:
         return None
+    if index >= len(steps):
+        return 100
     weights = [s.get("setWeight") for s in steps[: index + 1] if isinstance(s, dict)]
     found = [w for w in weights if isinstance(w, int) and not isinstance(w, bool)]
     return found[-1] if found else None

@@ -22,8 +22,6 @@ from typing import Annotated, Any
 
 import typer
 
-from pipeline.cli.render import JsonFlag, emit_json, errors, fit_table, out
-
 SIMULATED = (
     "SIMULATED cluster: the API server and the Argo CD / Argo Rollouts controllers are simulated; "
     "the pods (vLLM processes), Services and Prometheus are real"
@@ -34,6 +32,8 @@ TAIL_LINES = 25
 sandbox_app = typer.Typer(help="The SIMULATED cluster: up, down, status.", no_args_is_help=True)
 DirOption = Annotated[Path, typer.Option("--dir", help="the sandbox's folder (state, log, GitOps repo)")]
 DEFAULT_DIR = Path("demo-output/sandbox")
+# pipeline.cli registers this module's app while it loads: its render helpers are imported inside the commands.
+JsonFlag = Annotated[bool, typer.Option("--json", help="Print one JSON object instead of tables.")]
 
 
 def register(app: typer.Typer) -> None:
@@ -230,68 +230,10 @@ def stop(directory: Path, grace_s: float = 20.0) -> int | None:
     return pid
 
 
-def cluster_view(kubeconfig: Path) -> dict[str, list[dict[str, Any]]]:
-    """Applications (sync, health, revision), Rollouts (phase, step, stable and canary hash) and Pods (ready,
-    restarts) in every namespace, read with the official client through ``kubeconfig``.
-
-    Raises:
-        TransientError: the API server did not answer.
-    """
-    from kubernetes import client, config
-
-    from pipeline.errors import TransientError
-    from pipeline.rollout import observe_rollout
-
-    api = config.new_client_from_config(config_file=str(kubeconfig))
-    custom, core = client.CustomObjectsApi(api), client.CoreV1Api(api)
-    try:
-        apps: list[dict[str, Any]] = custom.list_cluster_custom_object("argoproj.io", "v1alpha1", "applications")[
-            "items"
-        ]  # type: ignore[index]
-        rollouts: list[dict[str, Any]] = custom.list_cluster_custom_object("argoproj.io", "v1alpha1", "rollouts")[
-            "items"
-        ]  # type: ignore[index]
-        raw = core.list_pod_for_all_namespaces(_preload_content=False)
-        pods: list[dict[str, Any]] = json.loads(raw.data)["items"]  # type: ignore[attr-defined]
-    except Exception as exc:  # urllib3 and ApiException alike: the sandbox's API server is not answering
-        raise TransientError(f"the sandbox's API server did not answer: {exc}"[:300], hint="is it up?") from None
-    finally:
-        api.close()
-
-    def name(obj: dict[str, Any]) -> str:
-        return f"{obj['metadata'].get('namespace', '')}/{obj['metadata']['name']}"
-
-    view: dict[str, list[dict[str, Any]]] = {"applications": [], "rollouts": [], "pods": []}
-    for app in apps:
-        st = app.get("status") or {}
-        view["applications"].append({
-            "name": name(app), "sync": (st.get("sync") or {}).get("status") or "-",
-            "health": (st.get("health") or {}).get("status") or "-",
-            "revision": ((st.get("sync") or {}).get("revision") or "-")[:12],
-            "operation": (st.get("operationState") or {}).get("phase") or "-",
-        })  # fmt: skip
-    for obj in rollouts:
-        seen = observe_rollout(obj)
-        view["rollouts"].append({
-            "name": name(obj), "phase": seen.client_phase + (" (aborted)" if seen.aborted else ""),
-            "step": seen.step, "weight": "-" if seen.weight is None else f"{seen.weight}%",
-            "stable": seen.stable_rs or "-", "canary": seen.current_pod_hash or "-",
-        })  # fmt: skip
-    for pod in pods:
-        st = pod.get("status") or {}
-        statuses = st.get("containerStatuses") or []
-        ready = sum(1 for c in statuses if c.get("ready"))
-        labels = pod["metadata"].get("labels") or {}
-        view["pods"].append({
-            "name": name(pod), "ready": f"{ready}/{len((pod.get('spec') or {}).get('containers') or [])}",
-            "status": st.get("phase") or "-", "restarts": sum(int(c.get("restartCount") or 0) for c in statuses),
-            "hash": labels.get("rollouts-pod-template-hash", "-"),
-        })  # fmt: skip
-    return view
-
-
 # commands -------------------------------------------------------------------------------------------------------
 def _print_state(state: dict[str, Any], directory: Path) -> None:
+    from pipeline.cli.render import out
+
     out.print(f"[bold yellow]{SIMULATED}[/]", highlight=False)
     out.print(f"  pid         {state.get('pid')} (log: {directory.resolve() / LOG})", highlight=False)
     out.print(f"  kubeconfig  {state.get('kubeconfig')}", highlight=False)
@@ -318,6 +260,8 @@ def up(
     as_json: JsonFlag = False,
 ) -> None:
     """Start the SIMULATED cluster in the background and print how to reach it (kubeconfig, config, Services)."""
+    from pipeline.cli.render import emit_json, errors
+
     with errors(as_json):
         state = start(directory, gitops, traffic, timeout)
     if as_json:
@@ -329,6 +273,8 @@ def up(
 @sandbox_app.command("down")
 def down(directory: DirOption = DEFAULT_DIR, as_json: JsonFlag = False) -> None:
     """Stop the sandbox: SIGTERM, SIGKILL after ~20 s, and check that none of its processes is left."""
+    from pipeline.cli.render import emit_json, errors, out
+
     with errors(as_json):
         pid = stop(directory)
     if as_json:
@@ -342,7 +288,9 @@ def down(directory: DirOption = DEFAULT_DIR, as_json: JsonFlag = False) -> None:
 @sandbox_app.command("status")
 def status(directory: DirOption = DEFAULT_DIR, as_json: JsonFlag = False) -> None:
     """Applications, Rollouts and Pods of the running sandbox, read through its kubeconfig (like `kubectl get`)."""
+    from pipeline.cli.render import emit_json, errors, fit_table, out
     from pipeline.errors import TerminalError
+    from sandbox.cli_view import cluster_view, named_in
 
     with errors(as_json):
         state = read_state(directory)
@@ -350,13 +298,16 @@ def status(directory: DirOption = DEFAULT_DIR, as_json: JsonFlag = False) -> Non
             raise TerminalError(
                 f"no sandbox runs in {directory}", hint=f"start one: `modelctl sandbox up --dir {directory}`"
             )
-        view = cluster_view(Path(str(state["kubeconfig"])))
+        view = cluster_view(Path(str(state["kubeconfig"])), named_in(Path(str(state.get("config") or ""))))
     if as_json:
         emit_json({"ok": True, "simulated": True, "state": state, **view})
         return
     out.print(f"[bold yellow]{SIMULATED}[/]", highlight=False)
     for title, rows in view.items():
         out.print(f"\n[bold]{title}[/]")
+        if rows is None:
+            out.print(f"  (the kubeconfig's identity may not read {title})")
+            continue
         if not rows:
             out.print("  (none)")
             continue
