@@ -21,6 +21,7 @@ from .store import BY_KIND, ApiError, Obj, Store
 POD = BY_KIND["Pod"]
 REPLICASET = BY_KIND["ReplicaSet"]
 SERVICE = BY_KIND["Service"]
+OWNED = (BY_KIND["Pod"], BY_KIND["ReplicaSet"], BY_KIND["AnalysisRun"])
 MANAGED_BY = "argo-rollouts.argoproj.io/managed-by-rollouts"
 SUFFIX_ALPHABET = "bcdfghjklmnpqrstvwxz2456789"  # what Kubernetes' generateName draws from
 
@@ -64,6 +65,19 @@ class ReplicaSets:
         items, _ = self.store.list(POD, rollout["metadata"]["namespace"], labels=selector)
         owned = [pod for pod in items if _owned(pod, rollout)]
         return sorted(owned, key=lambda p: (p["metadata"].get("creationTimestamp", ""), p["metadata"]["name"]))
+
+    def collect_garbage(self, live: set[str]) -> int:
+        """Delete the Pods, ReplicaSets and AnalysisRuns whose owning Rollout (by uid) is gone, as Kubernetes'
+        garbage collector does (the kubelet then stops the pods' processes); returns how many went."""
+        gone = 0
+        for resource in OWNED:
+            for obj in self.store.list(resource, None)[0]:
+                refs = [r for r in obj["metadata"].get("ownerReferences") or [] if r.get("kind") == "Rollout"]
+                if refs and not any(r.get("uid") in live for r in refs):
+                    with contextlib.suppress(ApiError):
+                        self.store.delete(resource, obj["metadata"]["namespace"], obj["metadata"]["name"])
+                        gone += 1
+        return gone
 
     def sync(self, rollout: Obj, desired: dict[str, int], surge: str | None = None) -> Counts:
         """Make the pods match ``desired`` (hash -> count; hashes absent lose all their pods). With ``surge`` (the

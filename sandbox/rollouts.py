@@ -129,6 +129,11 @@ class RolloutsSimulator:
             self.analysis.sync(item, state.revision)  # measurements query Prometheus: outside the store lock
             updated = self.store.update(ROLLOUT, key[0], key[1], functools.partial(self._reconcile, key))
             self.analysis.sync(updated, state.revision)  # a completed or aborted Rollout stops its run now
+        self.replicasets.collect_garbage({item["metadata"]["uid"] for item in items})
+        live = {(item["metadata"]["namespace"], item["metadata"]["name"]) for item in items}
+        for key in [k for k in self._state if k not in live]:  # a deleted Rollout: a new one starts afresh
+            del self._state[key]
+            self.analysis.current.pop(key, None)
 
     # the controller ------------------------------------------------------------------------------------------
     def _reconcile(self, key: tuple[str, str], obj: Obj) -> None:

@@ -93,7 +93,8 @@ def test_the_first_template_gets_its_pods_and_is_healthy_only_once_they_are_read
     rs = store.get(REPLICASET, NS, f"r-{v1}")
     assert (rs["spec"]["replicas"], rs["status"]["readyReplicas"]) == (2, 2)
     # both Argo Services on the one hash; the users' Service (every pod) untouched
-    assert selectors(store) == {"r": {"app": "r"}, "r-stable": {"app": "r", HASH_LABEL: v1}, "r-canary": {"app": "r", HASH_LABEL: v1}}  # fmt: skip
+    pinned = {"app": "r", HASH_LABEL: v1}
+    assert selectors(store) == {"r": {"app": "r"}, "r-stable": pinned, "r-canary": pinned}
     assert store.get(SERVICE, NS, "r-canary")["metadata"]["annotations"][MANAGED_BY] == "r"
 
 
@@ -193,6 +194,16 @@ def test_surplus_pods_go_not_ready_first() -> None:
     left = [p["metadata"]["name"] for p in pods(store, v1)]
     assert len(left) == 2 and sick not in left
     assert status(store)["phase"] == "Healthy"
+
+
+def test_deleting_the_rollout_deletes_its_pods_and_replicasets() -> None:
+    store, sim, _, _ = healthy_v1()
+    other = {"metadata": {"name": "someone-elses"}, "spec": {"containers": []}}
+    store.create(POD, NS, other)
+    store.delete(ROLLOUT, NS, "r")  # Argo CD prunes it
+    sim.tick()
+    assert [p["metadata"]["name"] for p in pods(store)] == ["someone-elses"]
+    assert store.list(REPLICASET, NS)[0] == []
 
 
 def test_count_mode_makes_no_pods() -> None:
