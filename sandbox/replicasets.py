@@ -23,6 +23,7 @@ REPLICASET = BY_KIND["ReplicaSet"]
 SERVICE = BY_KIND["Service"]
 OWNED = (BY_KIND["Pod"], BY_KIND["ReplicaSet"], BY_KIND["AnalysisRun"])
 MANAGED_BY = "argo-rollouts.argoproj.io/managed-by-rollouts"
+TERMINAL = ("Failed", "Succeeded")
 SUFFIX_ALPHABET = "bcdfghjklmnpqrstvwxz2456789"  # what Kubernetes' generateName draws from
 
 
@@ -84,8 +85,13 @@ class ReplicaSets:
         canary's hash), the other hashes are scaled down only once every pod of ``surge`` is Ready, so that capacity
         never drops while new pods start; scaling up is immediate."""
         by_hash: dict[str, list[Obj]] = {}
+        ended: list[Obj] = []  # Failed/Succeeded pods: not counted (replaced), kept for their logs while wanted
         for pod in self.pods(rollout):
-            by_hash.setdefault(pod["metadata"]["labels"][HASH_LABEL], []).append(pod)
+            pod_hash = pod["metadata"]["labels"][HASH_LABEL]
+            if (pod.get("status") or {}).get("phase") in TERMINAL:
+                ended.append(pod)
+            else:
+                by_hash.setdefault(pod_hash, []).append(pod)
         order = sorted(desired, key=lambda h: h != surge)  # the surge hash first: its readiness gates the others
         surge_ready = True
         for pod_hash in order:
@@ -98,6 +104,10 @@ class ReplicaSets:
                 surge_ready = sum(is_ready(p) for p in by_hash[pod_hash]) >= desired[pod_hash]
         for pod_hash in [h for h in by_hash if h not in desired]:
             by_hash[pod_hash] = self._scale(rollout, pod_hash, by_hash[pod_hash], 0)
+        for pod in ended:
+            if not desired.get(pod["metadata"]["labels"][HASH_LABEL]):
+                with contextlib.suppress(ApiError):
+                    self.store.delete(POD, pod["metadata"]["namespace"], pod["metadata"]["name"])
         counts = Counts(
             replicas={h: len(pods) for h, pods in by_hash.items()},
             ready={h: sum(is_ready(p) for p in pods) for h, pods in by_hash.items()},

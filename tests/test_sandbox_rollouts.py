@@ -196,6 +196,24 @@ def test_surplus_pods_go_not_ready_first() -> None:
     assert status(store)["phase"] == "Healthy"
 
 
+def test_a_pod_that_ended_is_replaced_and_kept_until_its_version_goes() -> None:
+    store, sim, _, v1 = healthy_v1()
+    dead = pods(store, v1)[0]["metadata"]["name"]
+    store.update(POD, NS, dead, lambda obj: obj["status"].update(phase="Failed", conditions=[]))
+    sim.tick()
+    assert len(pods(store, v1)) == 3 and status(store)["replicas"] == 2  # a replacement; the failed one kept
+    assert status(store)["phase"] == "Progressing"  # the replacement is not Ready yet
+    new_template(store, "v2")
+    sim.tick()
+    set_ready(store, status(store)["currentPodHash"])
+    sim.tick()
+    store.patch(ROLLOUT, NS, "r", {"status": {"pauseConditions": None}}, "application/merge-patch+json", "status")
+    sim.tick()
+    set_ready(store, status(store)["currentPodHash"])
+    sim.tick()
+    assert status(store)["phase"] == "Healthy" and pods(store, v1) == []  # the old version's pods, failed too
+
+
 def test_deleting_the_rollout_deletes_its_pods_and_replicasets() -> None:
     store, sim, _, _ = healthy_v1()
     other = {"metadata": {"name": "someone-elses"}, "spec": {"containers": []}}
