@@ -123,11 +123,20 @@ def read_state(directory: Path) -> dict[str, Any] | None:
 
 
 def running_pid(directory: Path) -> int | None:
-    """The pid of the sandbox that runs (or starts) in ``directory``, or None."""
+    """The pid of the sandbox that runs (or starts) in ``directory``, or None. A pid counts only while its command
+    line names ``directory`` (`up` passes it): a stale pid the system gave to another process is never signalled."""
     for pid in ((read_state(directory) or {}).get("pid"), _pidfile(directory)):
-        if isinstance(pid, int) and pid > 0 and alive(pid):
+        if isinstance(pid, int) and pid > 0 and alive(pid) and _started_for(pid, directory):
             return pid
     return None
+
+
+def _started_for(pid: int, directory: Path) -> bool:
+    try:
+        args = Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace").split("\0")
+    except OSError:
+        return not Path("/proc/self/cmdline").exists()  # no /proc here: trust the pid
+    return str(directory.resolve()) in args
 
 
 def _pidfile(directory: Path) -> int | None:

@@ -171,3 +171,19 @@ def test_status_lists_applications_rollouts_and_pods_through_the_kubeconfig(sand
         assert view["applications"][0]["health"] == "Healthy" and view["pods"] == []
     finally:
         cluster.close()
+
+
+def test_a_stale_state_whose_pid_now_belongs_to_another_process_is_never_signalled(sandbox_dir: Path) -> None:
+    import subprocess
+
+    other = subprocess.Popen(["sleep", "60"], start_new_session=True)  # took the pid of a sandbox long gone
+    try:
+        sandbox_dir.mkdir(parents=True)
+        (sandbox_dir / "state.json").write_text(json.dumps({"pid": other.pid, "kubeconfig": "x", "simulated": True}))
+        down = runner.invoke(app, ["sandbox", "down", "--dir", str(sandbox_dir)])
+        assert down.exit_code == 0 and "nothing to stop" in down.output
+        assert other.poll() is None, "an unrelated process was signalled"
+        assert not (sandbox_dir / "state.json").exists(), "the stale state is cleared"
+    finally:
+        other.kill()
+        other.wait()
