@@ -81,18 +81,18 @@ class Prober(threading.Thread):
         self.succeeded = False  # the last verdict was success
         self.failed = False  # failureThreshold consecutive failures were seen
         self.ever_succeeded = False
-        self._stop = threading.Event()
+        self._halt = threading.Event()
 
     def stop(self) -> None:
-        self._stop.set()
+        self._halt.set()
 
     def run(self) -> None:
-        if self._stop.wait(self.initial_delay_s):
+        if self._halt.wait(self.initial_delay_s):
             return
         successes = failures = 0
-        while not self._stop.is_set():
+        while not self._halt.is_set():
             passed = self.check(self.timeout_s)
-            if self._stop.is_set():
+            if self._halt.is_set():
                 return
             if passed:
                 successes, failures = successes + 1, 0
@@ -102,5 +102,5 @@ class Prober(threading.Thread):
                 successes, failures = 0, failures + 1
                 if failures >= self.failure_threshold:
                     self.succeeded, self.failed = False, True
-            if self._stop.wait(self.period_s):
+            if self._halt.wait(self.period_s):
                 return
