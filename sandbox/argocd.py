@@ -8,8 +8,15 @@ would wait for its 2-3 minute poll). Health follows the Rollout: Progressing unt
 then its phase, with Paused reported as Suspended.
 
 Knobs: ``never_sync`` (refreshes see the new commit, auto-sync never applies it), ``slow_ticks`` (a sync
-operation stays Running for that many ticks before it applies) and ``sync_gate`` (it stays Running until a
-test's condition holds).
+operation stays Running for that many ticks before it applies), ``sync_gate`` (it stays Running until a
+test's condition holds) and ``poll_s`` (refresh by itself every that many seconds of the clock, as the real
+controller's poll; None: only on the annotation).
+
+Two modes: :meth:`ArgoCDSimulator.add_application` (a stand-in render into one existing Rollout) and
+:meth:`ArgoCDSimulator.add_application_manifest` (a real Application manifest: the chart of the commit rendered
+by Helm, every object applied to the destination namespace with annotation tracking, prune and self-heal; a
+chart that does not render is a ComparisonError, an object the API server refuses fails the sync, and in both
+cases nothing is applied). See sandbox/helmapp.py.
 """
 
 from __future__ import annotations
@@ -18,6 +25,7 @@ import copy
 import hashlib
 from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Any
 
 import git
@@ -25,6 +33,7 @@ import yaml
 
 from pipeline.rollout import argocd_health, observe_rollout
 
+from .argosync import HelmApplication
 from .rollouts import Clock, rfc3339, utcnow
 from .store import BY_KIND, ApiError, Obj, Store
 
@@ -78,24 +87,59 @@ class _App:
     base_template: Obj
     pending: tuple[str, Obj] | None = None  # a running sync operation: (revision, rendered template)
     ticks_left: int = 0
+    last_refresh: datetime | None = None
 
 
 class ArgoCDSimulator:
     """Syncs Applications from ``repo_path`` (a working or bare repository) on refresh, health from Rollouts."""
 
     def __init__(
-        self, store: Store, repo_path: str, branch: str = "main", render: Render = default_render, clock: Clock = utcnow
+        self,
+        store: Store,
+        repo_path: str,
+        branch: str = "main",
+        render: Render = default_render,
+        clock: Clock = utcnow,
+        poll_s: float | None = None,
+        bind_claims: bool = True,
     ) -> None:
+        """``poll_s``: refresh every that many seconds of ``clock`` (None: only on the refresh annotation);
+        ``bind_claims``: claims the chart creates are Bound at once (the sandbox's volumes are host folders;
+        False leaves them Pending, as with no provisioner)."""
         self.store = store
         self.repo_path = repo_path
         self.branch = branch
         self.render = render
         self.clock = clock
+        self.poll_s = poll_s
+        self.bind_claims = bind_claims
         self.never_sync: set[str] = set()
         self.slow_ticks: dict[str, int] = {}
         self.sync_gate: dict[str, Callable[[], bool]] = {}  # a running sync applies only once its gate is True
         self.refreshes = 0
         self._apps: dict[str, _App] = {}
+        self._helm: dict[str, HelmApplication] = {}
+
+    def add_application_manifest(self, app: Obj) -> Obj:
+        """Create a real Application (its ``spec.source`` a Helm chart in this simulator's repository, whatever
+        its repoURL says) and sync it at once: the branch head's chart rendered with its value files, every object
+        applied to the destination. A chart that does not render leaves a ComparisonError and applies nothing.
+
+        Raises:
+            ValueError: an ignoreDifferences path this simulator cannot read.
+        """
+        helm_app = HelmApplication(self.store, self.repo_path, app, self.clock)
+        helm_app.bind_claims = self.bind_claims
+        manifest = {"metadata": copy.deepcopy(app["metadata"]), "spec": copy.deepcopy(app["spec"])}
+        manifest["metadata"].pop("finalizers", None)  # nothing deletes Applications here
+        self.store.create(APPLICATION, helm_app.namespace, manifest)
+        self._helm[helm_app.name] = helm_app
+        helm_app.compare()
+        helm_app.reconcile(may_sync=True, slow_ticks=0)
+        if helm_app.pending is not None:
+            helm_app.sync(*helm_app.pending)
+            helm_app.reconcile(may_sync=False, slow_ticks=0)
+        return self.store.get(APPLICATION, helm_app.namespace, helm_app.name)
 
     def add_application(
         self, name: str, values_file: str, rollout_namespace: str, rollout_name: str, namespace: str = "argocd"
@@ -151,14 +195,22 @@ class ArgoCDSimulator:
         self.store.update(APPLICATION, app.namespace, app.name, record)
         app.pending = None
 
+    def _due(self, obj: Obj, last: datetime | None) -> bool:
+        """Refresh now: the annotation asks for it, or the poll interval has passed."""
+        if (obj["metadata"].get("annotations") or {}).get(REFRESH):
+            return True
+        return self.poll_s is not None and (last is None or (self.clock() - last).total_seconds() >= self.poll_s)
+
     def tick(self) -> None:
         """Reconcile every Application once: refresh if asked, advance a running sync, then assess health."""
+        for helm_app in list(self._helm.values()):
+            self._tick_helm(helm_app)
         for app in list(self._apps.values()):
             try:
                 obj = self.store.get(APPLICATION, app.namespace, app.name)
             except ApiError:
                 continue
-            if (obj["metadata"].get("annotations") or {}).get(REFRESH):
+            if self._due(obj, app.last_refresh):
                 self._refresh(app, obj)
             if app.pending is not None:
                 if not self.sync_gate.get(app.name, lambda: True)():
@@ -169,8 +221,24 @@ class ArgoCDSimulator:
                     app.ticks_left -= 1
             self._assess(app)
 
+    def _tick_helm(self, app: HelmApplication) -> None:
+        try:
+            obj = self.store.get(APPLICATION, app.namespace, app.name)
+        except ApiError:
+            return
+        if self._due(obj, app.last_refresh):
+            self.refreshes += 1
+            app.compare()
+        if app.pending is not None and self.sync_gate.get(app.name, lambda: True)():
+            if app.ticks_left <= 0:
+                app.sync(*app.pending)
+            else:
+                app.ticks_left -= 1
+        app.reconcile(may_sync=app.name not in self.never_sync, slow_ticks=self.slow_ticks.get(app.name, 0))
+
     def _refresh(self, app: _App, obj: Obj) -> None:
         self.refreshes += 1
+        app.last_refresh = self.clock()
         revision, template = self._read(app)
         live = self.store.get(ROLLOUT, *app.rollout)["spec"]["template"]
         applied = ((obj.get("status") or {}).get("sync") or {}).get("revision")
