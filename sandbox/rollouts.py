@@ -78,7 +78,7 @@ class _State:
     replicas: dict[str, int] = field(default_factory=dict)
     ready: dict[str, int] = field(default_factory=dict)
     last_progress: datetime | None = None
-    revision: int = 0
+    revision: int = 1  # the Rollout's revision as the controller numbers it: the first template is 1
     desired: dict[str, int] = field(default_factory=dict)  # pods mode: what the pods should be per hash
     surge: str | None = None  # pods mode: the hash whose readiness gates scaling the others down
     abort_message: str = ""  # why the controller aborted (a failed AnalysisRun), for the Progressing condition
@@ -155,7 +155,7 @@ class RolloutsSimulator:
                 self._clear_update(status)
                 status.update(currentPodHash=current, currentStepIndex=len(steps))
                 self._want(state, {current: want})
-                state.abort_message = ""
+                state.abort_message, state.revision = "", state.revision + 1  # the old ReplicaSet gets a new one
                 self._progressing(status, now, "RolloutCompleted", "Rollback to stable ReplicaSets")
             else:  # a new revision: start the canary at step 0
                 self._clear_update(status)

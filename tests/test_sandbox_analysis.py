@@ -80,7 +80,7 @@ class FakePrometheus:
 
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
-        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread = threading.Thread(target=self.server.serve_forever, args=(0.05,), daemon=True)
         self.thread.start()
 
     def close(self) -> None:
@@ -175,7 +175,7 @@ def test_a_good_canary_passes_its_analysis_and_the_run_ends_successful(
     box = Sandbox(chart, prometheus.url)
     v2 = box.to_canary_pause()
     [run] = box.runs()
-    assert run["metadata"]["name"] == f"{NAME}-{v2}-1" and run["metadata"]["labels"][HASH_LABEL] == v2
+    assert run["metadata"]["name"] == f"{NAME}-{v2}-2" and run["metadata"]["labels"][HASH_LABEL] == v2
     assert {a["name"]: a["value"] for a in run["spec"]["args"]} == {"namespace": NS, "canary-hash": v2}
     assert prometheus.queries == []  # initialDelay 20s: nothing measured yet
     box.tick(20)
@@ -195,7 +195,7 @@ def test_a_good_canary_passes_its_analysis_and_the_run_ends_successful(
     assert run["spec"]["terminate"] is True and run["status"]["phase"] == "Successful"
     assert "currentBackgroundAnalysisRunStatus" not in box.tick()["canary"]  # nothing in flight
     v3 = box.to_canary_pause("tiny-third")  # the next version gets its own run
-    assert sorted(r["metadata"]["name"] for r in box.runs()) == sorted([f"{NAME}-{v2}-1", f"{NAME}-{v3}-2"])
+    assert sorted(r["metadata"]["name"] for r in box.runs()) == sorted([f"{NAME}-{v2}-2", f"{NAME}-{v3}-3"])
 
 
 def test_a_slow_canary_fails_its_analysis_and_the_rollout_aborts(
@@ -213,7 +213,7 @@ def test_a_slow_canary_fails_its_analysis_and_the_rollout_aborts(
     why = 'Metric "ttft-p95" assessed Failed due to failed (3) > failureLimit (2)'
     assert run["status"]["message"] == why
     assert aborted["abort"] is True and aborted["phase"] == "Degraded"
-    assert aborted["message"] == f"RolloutAborted: Rollout aborted update to revision 1: {why}"
+    assert aborted["message"] == f"RolloutAborted: Rollout aborted update to revision 2: {why}"
     shown = aborted["canary"]["currentBackgroundAnalysisRunStatus"]
     assert (shown["name"], shown["status"]) == (run["metadata"]["name"], "Failed")
     assert box.store.list(POD, NS, labels=f"{HASH_LABEL}={v2}")[0] == []  # the canary's pods are gone
