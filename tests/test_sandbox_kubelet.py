@@ -146,6 +146,16 @@ def test_a_gpu_pod_is_scheduled_started_ready_reachable_and_killed_when_deleted(
     assert kubelet.pids() == [] and kubelet.read_log(NS, "web", None) is None
 
 
+def test_a_pod_marked_for_deletion_is_killed_then_removed(server: FakeApiServer, kubelet: Kubelet) -> None:
+    server.store.create(POD, NS, pod("web", [web_container()]))
+    until(kubelet, lambda: ready_pod(server, "web"))
+    [pid] = kubelet.pids()
+    server.store.update(POD, NS, "web", lambda p: p["metadata"].update(deletionTimestamp="2026-01-01T00:00:00Z"))
+    kubelet.tick()
+    assert server.store.list(POD, NS)[0] == [], "the kubelet confirmed the deletion"
+    until(kubelet, lambda: not processes.group_alive(pid))
+
+
 @pytest.mark.parametrize(
     ("node_spec", "pod_spec", "message"),
     [
@@ -175,6 +185,15 @@ def test_a_pod_that_fits_no_node_stays_pending_and_says_why(
     assert found["status"]["phase"] == "Pending" and "nodeName" not in found["spec"]
     assert condition["reason"] == "Unschedulable" and message in condition["message"]
     assert kubelet.pids() == []
+
+    def fits(node: Obj) -> None:
+        node["metadata"]["labels"]["pool"] = "h100"
+        node["spec"]["taints"] = []
+        node["status"]["allocatable"]["nvidia.com/gpu"] = "2"
+
+    server.store.update(BY_KIND["Node"], "", "gpu-a", fits)
+    kubelet.tick()
+    assert get(server, "web")["spec"]["nodeName"] == "gpu-a", "retried on the next tick"
 
 
 def test_the_scheduler_counts_gpus_held_and_honours_tolerations() -> None:
