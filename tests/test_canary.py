@@ -10,6 +10,7 @@ import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -20,6 +21,7 @@ from pipeline.errors import TerminalError
 from pipeline.gates import GateResult, GateRow
 from pipeline.gitops import GitOps, Promotion, init_repo
 from pipeline.kube import Backoff, Kube
+from pipeline.kube.argocd import AppState
 from pipeline.rollout import ObservedRollout
 from sandbox.cluster import FakeCluster, rollout_manifest
 from sandbox.workloads import add_gpu_node, add_gpu_pod
@@ -307,7 +309,7 @@ def test_walk_records_the_weight_and_the_figures_that_decided_and_the_timeline_s
     assert "90 ms" in text and "80 ms" in text and "10%" in text and "50%" in text and "promote" in text
 
 
-def test_a_failed_check_shows_its_figures_and_the_abort_at_weight_zero(stage: Stage) -> None:
+def test_a_failed_check_keeps_the_figures_that_failed_it(stage: Stage) -> None:
     promotion, commit = stage.promote("awq-w4a16-g128-0000000000000012")
     with stage.cluster.running():
         outcome = deploy(
@@ -317,6 +319,9 @@ def test_a_failed_check_shows_its_figures_and_the_abort_at_weight_zero(stage: St
     failed = next(e for e in outcome.steps if e.action == "check")
     assert failed.verdict == "fail" and failed.weight == 10
     assert (failed.figures or {})["canary ttft_p95 vs stable"] == 900
+    assert (failed.figures or {})["canary ttft_p95 vs stable baseline"] == 100
+    abort = next(e for e in outcome.steps if e.action == "abort")
+    assert abort.weight == 10 and "900 ms vs stable 100 ms" in abort.reason
 
 
 def test_records_written_before_the_timeline_fields_still_load() -> None:
@@ -350,24 +355,16 @@ def test_the_weight_in_force_is_the_last_set_weight_and_zero_once_aborted() -> N
 
 
 # Argo CD reports that a commit cannot be synced -----------------------------------------------------------------
-def app_state(status: dict[str, object], refresh_pending: bool = False) -> object:
-    from pipeline.kube.argocd import AppState
-
+def app_state(status: dict[str, Any], refresh_pending: bool = False) -> AppState:
     annotations = {"argocd.argoproj.io/refresh": "normal"} if refresh_pending else {}
     return AppState.of({"metadata": {"annotations": annotations}, "status": status})
 
 
 def test_sync_failed_reads_failed_operations_and_render_errors_of_this_commit_only() -> None:
-    from pipeline.kube.argocd import AppState
-
     sha, other = "c" * 40, "d" * 40
+    state = app_state
 
-    def state(status: dict[str, object], refresh_pending: bool = False) -> AppState:
-        result = app_state(status, refresh_pending)
-        assert isinstance(result, AppState)
-        return result
-
-    def operation(phase: str, revision: str) -> dict[str, object]:
+    def operation(phase: str, revision: str) -> dict[str, Any]:
         return {"operationState": {"phase": phase, "message": "one or more objects failed to apply",
                                    "operation": {"sync": {"revision": revision}}}}  # fmt: skip
 
