@@ -116,7 +116,10 @@ class Kubelet:
                 meta = pod["metadata"]
                 key = (meta["namespace"], meta["name"])
                 if key not in self.runs and pod["spec"].get("nodeName") and self._adoptable(pod):
-                    self.runs[key] = self._prepare(pod)
+                    try:
+                        self.runs[key] = self._prepare(pod)
+                    except ApiError:
+                        continue  # deleted meanwhile
                 run = self.runs.get(key)
                 if run is not None and not run.finished:
                     run.pod = pod
@@ -155,9 +158,9 @@ class Kubelet:
             node, message = scheduler.schedule(pod, nodes, pods)
             if node is not None:
                 pod["spec"]["nodeName"] = node  # later pods of this pass see the requests taken
-                change = _bind_to(node)
+                change = scheduler.bind(node)
             else:
-                change = _unschedulable(message)
+                change = scheduler.unschedulable(message)
             try:
                 self.store.update(POD, meta["namespace"], meta["name"], change)
             except ApiError:
@@ -191,6 +194,7 @@ class Kubelet:
                     host.mkdir(parents=True, exist_ok=True)
                 mounts[str(mount["mountPath"])] = str(host)
             log = self.workdir / "pods" / f"{ns}_{name}.{container.get('name')}.log"
+            log.write_bytes(b"")  # a new pod of an old name starts a new log
             containers.append(ContainerRun(container, role, log, mounts))
         annotation = json.dumps({str(k): v for k, v in ports.items()}, sort_keys=True)
         self.store.update(
@@ -366,32 +370,3 @@ def _grace(pod: Obj) -> float:
 
 def _bound(claim: Obj) -> None:
     claim.setdefault("status", {})["phase"] = "Bound"
-
-
-def _bind_to(node: str) -> Callable[[Obj], None]:
-    def change(pod: Obj) -> None:
-        pod["spec"]["nodeName"] = node
-        status = pod.setdefault("status", {})
-        status["phase"] = "Pending"
-        status["conditions"] = [{"type": "PodScheduled", "status": "True", "lastTransitionTime": now_rfc3339()}]
-
-    return change
-
-
-def _unschedulable(message: str) -> Callable[[Obj], None]:
-    def change(pod: Obj) -> None:
-        status = pod.setdefault("status", {})
-        old: Obj = next((c for c in status.get("conditions") or [] if c.get("type") == "PodScheduled"), {})
-        since = old.get("lastTransitionTime") if old.get("status") == "False" else now_rfc3339()
-        status["phase"] = "Pending"
-        status["conditions"] = [
-            {
-                "type": "PodScheduled",
-                "status": "False",
-                "reason": "Unschedulable",
-                "message": message,
-                "lastTransitionTime": since,
-            }
-        ]
-
-    return change

@@ -9,9 +9,10 @@ allocatable; CPU and memory are not (every pod here shares the one machine).
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Callable
 from typing import Any
 
-from .store import Obj
+from .store import Obj, now_rfc3339
 
 FINISHED = ("Succeeded", "Failed")
 
@@ -99,3 +100,36 @@ def schedule(pod: Obj, nodes: list[Obj], pods: list[Obj]) -> tuple[str | None, s
         reasons.update(misfit)
     detail = ", ".join(f"{count} {reason}" for reason, count in sorted(reasons.items()))
     return None, f"0/{len(nodes)} nodes are available: {detail or 'no nodes in the cluster'}."
+
+
+def bind(node: str) -> Callable[[Obj], None]:
+    """The change that binds a pod to ``node`` (PodScheduled True)."""
+
+    def change(pod: Obj) -> None:
+        pod["spec"]["nodeName"] = node
+        status = pod.setdefault("status", {})
+        status["phase"] = "Pending"
+        status["conditions"] = [{"type": "PodScheduled", "status": "True", "lastTransitionTime": now_rfc3339()}]
+
+    return change
+
+
+def unschedulable(message: str) -> Callable[[Obj], None]:
+    """The change that keeps a pod Pending with PodScheduled False, reason Unschedulable (first time kept)."""
+
+    def change(pod: Obj) -> None:
+        status = pod.setdefault("status", {})
+        old: Obj = next((c for c in status.get("conditions") or [] if c.get("type") == "PodScheduled"), {})
+        since = old.get("lastTransitionTime") if old.get("status") == "False" else now_rfc3339()
+        status["phase"] = "Pending"
+        status["conditions"] = [
+            {
+                "type": "PodScheduled",
+                "status": "False",
+                "reason": "Unschedulable",
+                "message": message,
+                "lastTransitionTime": since,
+            }
+        ]
+
+    return change
