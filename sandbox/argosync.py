@@ -20,6 +20,7 @@ from .helmapp import (
     Key,
     RenderError,
     desired,
+    drifted,
     ignored_paths,
     key_of,
     parse_path,
@@ -114,26 +115,28 @@ class HelmApplication:
     def _now(self) -> str:
         return rfc3339(self.clock())
 
-    def tracked(self) -> dict[Key, Obj]:
-        """Live objects carrying this Application's tracking id (of the kinds it ever rendered)."""
+    def _listed(self) -> dict[Key, Obj]:
+        """Every live object of the kinds this Application ever rendered."""
         found: dict[Key, Obj] = {}
         for kind in sorted(self.kinds & set(BY_KIND)):
-            for item in self.store.list(BY_KIND[kind], None)[0]:
-                if (item["metadata"].get("annotations") or {}).get(TRACKING) == tracking_id(self.name, item):
-                    found[key_of(item)] = item
+            found |= {key_of(item): item for item in self.store.list(BY_KIND[kind], None)[0]}
         return found
+
+    def tracked(self, listed: dict[Key, Obj] | None = None) -> dict[Key, Obj]:
+        """Live objects carrying this Application's tracking id (of the kinds it ever rendered)."""
+        items = self._listed() if listed is None else listed
+        mine = {key: item for key, item in items.items() if self._tracks(item)}
+        return mine
+
+    def _tracks(self, item: Obj) -> bool:
+        return (item["metadata"].get("annotations") or {}).get(TRACKING) == tracking_id(self.name, item)
 
     def live(self) -> tuple[dict[Key, Obj | None], dict[Key, Obj]]:
         """The target's objects as they are live (None: missing), and tracked live objects not in the target."""
-        found: dict[Key, Obj | None] = {key_of(obj): self._get(obj) for obj in self.target or []}
-        extra = {key: obj for key, obj in self.tracked().items() if key not in found}
+        listed = self._listed()
+        found: dict[Key, Obj | None] = {key_of(obj): listed.get(key_of(obj)) for obj in self.target or []}
+        extra = {key: obj for key, obj in self.tracked(listed).items() if key not in found}
         return found, extra
-
-    def drifted(self, target: Obj, live: Obj | None) -> bool:
-        if live is None:
-            return True
-        paths = ignored_paths(self.spec, target)
-        return desired(live, self.applied.get(key_of(target)), target, paths) != desired(live, None, {}, [])
 
     # the sync operation -------------------------------------------------------------------------------------------
     def sync(self, revision: str, objects: list[Obj]) -> None:
@@ -249,7 +252,8 @@ class HelmApplication:
         found, extra = self.live()
         out_of_sync: set[Key] = set()
         for obj in self.target or []:
-            if self.drifted(obj, found[key_of(obj)]):
+            paths = ignored_paths(self.spec, obj)
+            if drifted(found[key_of(obj)], self.applied.get(key_of(obj)), obj, paths):
                 out_of_sync.add(key_of(obj))
         out_of_sync |= set(extra)
         start = (

@@ -246,6 +246,21 @@ def three_way(live: Any, last: Any, target: Obj) -> Obj:
     return result
 
 
+def changes(live: Any, last: Any, target: Obj) -> bool:
+    """Whether :func:`three_way` would change ``live`` (the same rules, nothing copied)."""
+    live = live if isinstance(live, dict) else {}
+    last = last if isinstance(last, dict) else {}
+    if any(key not in target and key in live for key in last):
+        return True
+    for key, value in target.items():
+        if isinstance(value, dict) and isinstance(live.get(key), dict):
+            if changes(live[key], last.get(key), value):
+                return True
+        elif key not in live or live[key] != value:
+            return True
+    return False
+
+
 def body(obj: Obj) -> Obj:
     """What an apply manages: every top-level field but apiVersion, kind, metadata and status, plus the labels
     and annotations."""
@@ -254,12 +269,24 @@ def body(obj: Obj) -> Obj:
     return {**managed, "metadata": {k: meta[k] for k in ("labels", "annotations") if k in meta}}
 
 
-def desired(live: Obj, last: Obj | None, target: Obj, paths: list[list[str]]) -> Obj:
-    """The live object's managed part as an apply of ``target`` would leave it (ignored paths keep live values)."""
-    want = copy.deepcopy(body(target))
+def wanted(live: Obj, target: Obj, paths: list[list[str]]) -> Obj:
+    """What an apply of ``target`` sets, the ignored paths holding their live values."""
+    want = copy.deepcopy(body(target)) if paths else body(target)
     for path in paths:
         keep_live(want, live, path)
-    return three_way(body(live), body(last) if last else None, want)
+    return want
+
+
+def desired(live: Obj, last: Obj | None, target: Obj, paths: list[list[str]]) -> Obj:
+    """The live object's managed part as an apply of ``target`` would leave it (ignored paths keep live values)."""
+    return three_way(body(live), body(last) if last else None, wanted(live, target, paths))
+
+
+def drifted(live: Obj | None, last: Obj | None, target: Obj, paths: list[list[str]]) -> bool:
+    """The live object differs from what Git says (missing, or an apply of ``target`` would change it)."""
+    if live is None:
+        return True
+    return changes(body(live), body(last) if last else None, wanted(live, target, paths))
 
 
 # the API server's dry run ---------------------------------------------------------------------------------------

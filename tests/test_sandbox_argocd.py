@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import git
+import jsonschema
 import pytest
 import yaml
 
@@ -322,3 +323,39 @@ def test_polling_finds_a_commit_without_the_annotation_and_a_pending_claim_is_pr
         stage.cluster.tick()
         claim = next(r for r in stage.app()["status"]["resources"] if r["kind"] == "PersistentVolumeClaim")
         assert claim["health"]["status"] == "Healthy"
+
+
+def test_the_knobs_hold_a_helm_sync_as_they_hold_the_stand_in(stage: Stage) -> None:
+    stage.argocd.slow_ticks[APP] = 2
+    sha = stage.values(promotion("awq-0006").changes(), "promote")
+    stage.refresh(ticks=0)
+    for _ in range(2):
+        stage.argocd.tick()
+        assert stage.app()["status"]["operationState"]["phase"] == "Running"
+    stage.argocd.tick()
+    assert stage.app()["status"]["operationState"]["syncResult"]["revision"] == sha
+    stage.argocd.slow_ticks.pop(APP)
+    stage.argocd.never_sync.add(APP)
+    nxt = stage.values(promotion("awq-0007").changes(), "promote again")
+    status = stage.refresh()["status"]
+    assert (status["sync"]["status"], status["sync"]["revision"]) == ("OutOfSync", nxt)
+    assert status["operationState"]["syncResult"]["revision"] == sha  # seen, never applied
+
+
+def test_what_the_simulator_writes_fits_the_official_application_crd(stage: Stage, shared_crds: Path) -> None:
+    crd = yaml.safe_load((shared_crds / "argo-cd-v3.5.1-application-crd.yaml").read_text())
+    schema = crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]
+    snapshots = [stage.app()]
+    stage.values({"replicas": "two"}, "broken values")
+    snapshots.append(stage.refresh())  # ComparisonError
+    stage.values({"replicas": 1, "metrics.podMonitor.labels": {"release": "a b"}}, "refused label")
+    snapshots.append(stage.refresh())  # a failed sync
+    stage.values({"metrics.podMonitor.enabled": False}, "no PodMonitor")
+    snapshots.append(stage.refresh())  # synced, one object pruned
+    assert [s["status"]["operationState"]["phase"] for s in snapshots] == ["Succeeded", "Succeeded", "Failed",
+                                                                           "Succeeded"]  # fmt: skip
+    for app in snapshots:
+        jsonschema.validate(app, schema, cls=jsonschema.Draft7Validator)
+    broken = {**snapshots[0], "status": {**snapshots[0]["status"], "history": [{"id": "one"}]}}
+    with pytest.raises(jsonschema.ValidationError):  # the schema does check what is written
+        jsonschema.validate(broken, schema, cls=jsonschema.Draft7Validator)
