@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .containers import map_paths
+from .containers import map_paths, map_ports
 from .probes import Prober
 from .store import Obj, now_rfc3339
 
@@ -147,7 +147,8 @@ class PodRun:
         return {host: mount for c in self.containers for mount, host in c.mounts.items()}
 
     def read_log(self, container: str | None) -> str | None:
-        """A container's log with host dirs named by their mount paths again; None for an unknown container."""
+        """A container's log as the container saw its world: host dirs named by their mount paths again, and
+        ``127.0.0.1:<host port>`` by the container port; None for an unknown container."""
         found = self.container(container)
         if found is None:
             return None
@@ -155,7 +156,7 @@ class PodRun:
             text = found.log.read_text(encoding="utf-8", errors="replace")
         except FileNotFoundError:
             return ""
-        return map_paths(text, self.host_paths())
+        return map_ports(map_paths(text, self.host_paths()), {host: port for port, host in self.ports.items()})
 
     def _condition(self, kind: str, ok: bool, reason: str | None = None, message: str | None = None) -> Obj:
         status = "True" if ok else "False"

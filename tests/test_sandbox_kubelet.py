@@ -329,7 +329,9 @@ def test_a_native_sidecar_starts_first_and_is_stopped_when_the_main_container_en
         startupProbe={"exec": {"command": ["python3", "-c", ready_file]}, "periodSeconds": 1, "failureThreshold": 600},
         volumeMounts=[{"name": "scratch", "mountPath": "/work"}],
     )
-    check = "import urllib.request, os; print(urllib.request.urlopen(os.environ['URL'], timeout=5).read().decode())"
+    check = (
+        "import urllib.request, os; print(os.environ['URL'], urllib.request.urlopen(os.environ['URL']).read().decode())"
+    )
     url = [{"name": "URL", "value": "http://127.0.0.1:8000/"}]
     main = {"name": "main", "image": "any", "command": ["python", "-c", check], "env": url}
     spec = {"initContainers": [sidecar], "restartPolicy": "Never", "volumes": [{"name": "scratch", "emptyDir": {}}]}
@@ -349,7 +351,8 @@ def test_a_native_sidecar_starts_first_and_is_stopped_when_the_main_container_en
     done = until(kubelet, lambda: get(server, "sc")["status"]["phase"] == "Succeeded")
     assert done
     port = host_port(get(server, "sc"), 8000)
-    assert kubelet.read_log(NS, "sc", None) == f"hello from {port}\n", "main reached the sidecar on localhost"
+    log = kubelet.read_log(NS, "sc", None)
+    assert log == f"http://127.0.0.1:8000/ hello from {port}\n", "main reached the sidecar on its localhost:8000"
     until(kubelet, lambda: not processes.group_alive(sidecar_pid))
     assert kubelet.pids() == []
 
