@@ -245,7 +245,9 @@ def _print_state(state: dict[str, Any], directory: Path) -> None:
 
     out.print(f"[bold yellow]{SIMULATED}[/]", highlight=False)
     out.print(f"  pid         {state.get('pid')} (log: {directory.resolve() / LOG})", highlight=False)
-    out.print(f"  kubeconfig  {state.get('kubeconfig')}", highlight=False)
+    out.print(f"  kubeconfig  {state.get('kubeconfig')} (the pipeline's identity)", highlight=False)
+    if state.get("admin_kubeconfig"):
+        out.print(f"  admin       {state['admin_kubeconfig']} (for looking around, like kubectl)", highlight=False)
     out.print(f"  config      {state.get('config')}", highlight=False)
     out.print(f"  prometheus  {state.get('prometheus_url')}", highlight=False)
     services = state.get("services") or {}
@@ -307,7 +309,8 @@ def status(directory: DirOption = DEFAULT_DIR, as_json: JsonFlag = False) -> Non
             raise TerminalError(
                 f"no sandbox runs in {directory}", hint=f"start one: `modelctl sandbox up --dir {directory}`"
             )
-        view = cluster_view(Path(str(state["kubeconfig"])), named_in(Path(str(state.get("config") or ""))))
+        kubeconfig = Path(str(state.get("admin_kubeconfig") or state["kubeconfig"]))  # admin's: may list everything
+        view = cluster_view(kubeconfig, named_in(Path(str(state.get("config") or ""))))
     if as_json:
         emit_json({"ok": True, "simulated": True, "state": state, **view})
         return

@@ -169,6 +169,18 @@ def test_status_lists_applications_rollouts_and_pods_through_the_kubeconfig(sand
         (rollout,) = view["rollouts"]
         assert view["simulated"] is True and rollout["phase"] == "Healthy" and rollout["stable"] == rollout["canary"]
         assert view["applications"][0]["health"] == "Healthy" and view["pods"] == []
+
+        # The pipeline's own identity (gitops/rbac) may only get its Application and Rollout by name in the
+        # namespaces it promotes to: status still shows them.
+        from sandbox.cli_view import cluster_view
+
+        cluster.create_rollout("llm-staging", rollout_manifest("llm-inference", [{"setWeight": 50}, {"pause": {}}]))
+        pipeline = cluster.write_kubeconfig(tmp_path / "pipeline-kubeconfig")
+        named = {"applications": [("argocd", "llm-inference-sandbox")], "rollouts": [("llm-staging", "llm-inference")]}
+        seen = cluster_view(pipeline, named)
+        assert [r["name"] for r in seen["rollouts"] or []] == ["llm-staging/llm-inference"]
+        assert [a["name"] for a in seen["applications"] or []] == ["argocd/llm-inference-sandbox"]
+        assert cluster_view(pipeline, {})["rollouts"] is None, "not readable: said, not shown as empty"
     finally:
         cluster.close()
 
