@@ -31,7 +31,7 @@ from typing import Any
 from pipeline.rollout import calculate_phase, observe_rollout
 
 from .replicasets import ReplicaSets, point_services
-from .rollout_analysis import INCONCLUSIVE, BackgroundAnalysis
+from .rollout_analysis import INCONCLUSIVE, RolloutAnalysis, pause
 from .store import BY_KIND, Obj, Store
 
 ROLLOUT = BY_KIND["Rollout"]
@@ -102,7 +102,7 @@ class RolloutsSimulator:
         self.clock = clock
         self.pods = pods
         self.replicasets = ReplicaSets(store, rng)
-        self.analysis = BackgroundAnalysis(store, prometheus_url, clock)
+        self.analysis = RolloutAnalysis(store, prometheus_url, clock)
         self.unready: dict[tuple[str, str], str] = {}  # canary pods never ready, with the reason shown
         self.held: set[tuple[str, str]] = set()
         self._state: dict[tuple[str, str], _State] = {}
@@ -121,19 +121,18 @@ class RolloutsSimulator:
     def tick(self) -> None:
         """Reconcile every Rollout once."""
         items, _ = self.store.list(ROLLOUT, None)
-        for item in items:
-            key = (item["metadata"]["namespace"], item["metadata"]["name"])
-            if key in self.held:
-                continue
-            state = self._state.setdefault(key, _State())
-            self.analysis.sync(item, state.revision)  # measurements query Prometheus: outside the store lock
+        keys = [(item["metadata"]["namespace"], item["metadata"]["name"]) for item in items]
+        todo = [(key, item) for key, item in zip(keys, items, strict=True) if key not in self.held]
+        for key, item in todo:  # analysis runs made or stopped, then measured: outside the store lock (HTTP)
+            self.analysis.sync(item, self._state.setdefault(key, _State()).revision)
+        self.analysis.measure()
+        for key, _ in todo:
             updated = self.store.update(ROLLOUT, key[0], key[1], functools.partial(self._reconcile, key))
-            self.analysis.sync(updated, state.revision)  # a completed or aborted Rollout stops its run now
+            self.analysis.sync(updated, self._state[key].revision)  # a completed or aborted Rollout stops its runs
         self.replicasets.collect_garbage({item["metadata"]["uid"] for item in items})
-        live = {(item["metadata"]["namespace"], item["metadata"]["name"]) for item in items}
-        for key in [k for k in self._state if k not in live]:  # a deleted Rollout: a new one starts afresh
+        for key in [k for k in self._state if k not in set(keys)]:  # a deleted Rollout: a new one starts afresh
             del self._state[key]
-            self.analysis.current.pop(key, None)
+            self.analysis.forget(*key)
 
     # the controller ------------------------------------------------------------------------------------------
     def _reconcile(self, key: tuple[str, str], obj: Obj) -> None:
@@ -244,6 +243,20 @@ class RolloutsSimulator:
                     break
             elif "pause" in step and not self._pause(status, step["pause"] or {}, now):
                 break
+            elif "analysis" in step:
+                run = self.analysis.step_run(obj, index)
+                state.last_progress = now  # waiting on an analysis is not a stuck ReplicaSet
+                if run is None:
+                    break
+                phase, message = run["status"]["phase"], run["status"].get("message", "")
+                if phase in ("Failed", "Error"):
+                    status["abort"] = True
+                    state.abort_message = state.abort_message or message or f"AnalysisRun {phase}"
+                    self._canary(key, obj, state, steps, want, now)
+                    return
+                if phase == "Inconclusive":
+                    pause(status, run)
+                    break
             self._advance(status, state, now)
         self._deadline(obj, state, now)
 

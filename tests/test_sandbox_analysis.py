@@ -20,10 +20,11 @@ import yaml
 
 from pipeline.gitops import CHART, Promotion, edit_values
 from sandbox.analysis import ANALYSISRUN, evaluate_result
-from sandbox.cluster import FakeClock
+from sandbox.analysis_factory import ANALYSISTEMPLATE
+from sandbox.cluster import FakeClock, rollout_manifest
 from sandbox.pods import HASH_LABEL
 from sandbox.replicasets import POD, SERVICE
-from sandbox.rollout_analysis import ANALYSIS_OFF, ANALYSISTEMPLATE, INCONCLUSIVE
+from sandbox.rollout_analysis import ANALYSIS_OFF, INCONCLUSIVE
 from sandbox.rollouts import ROLLOUT, RolloutsSimulator
 from sandbox.store import Obj, Store
 
@@ -105,13 +106,13 @@ class Sandbox:
     """A bare store with the chart's Rollout, Services and AnalysisTemplate, the simulator in pods mode, and the
     tests as the kubelet (pods made Ready by hand)."""
 
-    def __init__(self, chart: dict[str, Obj], prometheus_url: str | None) -> None:
+    def __init__(self, chart: dict[str, Obj], prometheus_url: str | None, rollout: Obj | None = None) -> None:
         self.store, self.clock = Store(), FakeClock()
         for key, doc in chart.items():
             kind = key.split("/")[0]
             if kind in ("Service", "AnalysisTemplate"):
                 self.store.create(SERVICE if kind == "Service" else ANALYSISTEMPLATE, NS, doc)
-        self.store.create(ROLLOUT, NS, chart[f"Rollout/{NAME}"], keep_status=False)
+        self.store.create(ROLLOUT, NS, rollout or chart[f"Rollout/{NAME}"], keep_status=False)
         self.sim = RolloutsSimulator(
             self.store, clock=self.clock, pods=True, prometheus_url=prometheus_url, rng=random.Random(3)
         )
@@ -269,3 +270,47 @@ def test_without_prometheus_analysis_is_off_and_said_so(chart: dict[str, Obj]) -
     box.tick(60)
     assert box.runs() == []
     assert box.status()["canary"]["currentBackgroundAnalysisRunStatus"]["message"] == ANALYSIS_OFF
+
+
+STEP_TEMPLATE = {
+    "metadata": {"name": "smoke"},
+    "spec": {
+        "args": [{"name": "hash"}],
+        "metrics": [
+            {
+                "name": "p95",
+                "count": 2,
+                "interval": "10s",
+                "successCondition": "len(result) > 0 && result[0] < 1",
+                "failureCondition": "len(result) > 0 && result[0] >= 1",
+                "provider": {"prometheus": {"address": "http://anywhere:9090", "query": 'p95{h="{{args.hash}}"}'}},
+            }
+        ],
+    },
+}
+
+
+@pytest.mark.parametrize(("value", "outcome"), [(0.3, "passes"), (1.5, "aborts")])
+def test_an_analysis_step_gates_the_canary(prometheus: FakePrometheus, value: float, outcome: str) -> None:
+    prometheus.answer = lambda query: [value]
+    args = [{"name": "hash", "valueFrom": {"podTemplateHashValue": "Latest"}}]
+    steps = [{"setWeight": 50}, {"analysis": {"templates": [{"templateName": "smoke"}], "args": args}}]
+    box = Sandbox({}, prometheus.url, rollout=rollout_manifest(NAME, steps, replicas=2))
+    box.store.create(ANALYSISTEMPLATE, NS, STEP_TEMPLATE)
+    assert box.tick()["phase"] == "Healthy"
+    box.store.update(ROLLOUT, NS, NAME, lambda obj: obj["spec"]["template"]["metadata"]["labels"].update(v="2"))
+    box.tick()
+    status = box.tick()  # the run made at the step shows in the status on the next reconcile
+    v2 = status["currentPodHash"]
+    [run] = box.runs()
+    assert run["metadata"]["name"] == f"{NAME}-{v2}-2-1" and prometheus.queries == [f'p95{{h="{v2}"}}']
+    if outcome == "passes":
+        assert status["currentStepIndex"] == 1 and status["phase"] == "Progressing"
+        assert status["canary"]["currentStepAnalysisRunStatus"]["status"] == "Running"  # 1 of 2 measurements
+        status = box.tick(10)
+        assert (status["phase"], status["stableRS"]) == ("Healthy", v2)
+        assert box.store.get(ANALYSISRUN, NS, run["metadata"]["name"])["status"]["phase"] == "Successful"
+    else:  # failureLimit 0: the first failed measurement fails the run
+        assert status["phase"] == "Degraded" and status["abort"] is True
+        assert 'Metric "p95" assessed Failed due to failed (1) > failureLimit (0)' in status["message"]
+        assert status["stableRS"] != v2
