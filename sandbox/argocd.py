@@ -229,7 +229,7 @@ class ArgoCDSimulator:
         if self._due(obj, app.last_refresh):
             self.refreshes += 1
             app.compare()
-        if app.pending is not None and self.sync_gate.get(app.name, lambda: True)():
+        if app.pending is not None and app.due() and self.sync_gate.get(app.name, lambda: True)():
             if app.ticks_left <= 0:
                 app.sync(*app.pending)
             else:

@@ -4,15 +4,17 @@ Each reconcile compares the last rendered target (sandbox/helmapp.py) with the l
 (annotation ``argocd.argoproj.io/tracking-id``), writes ``status.sync``, ``status.resources``, ``status.health``
 and ``reconciledAt``, and starts an automated sync operation when Argo CD would: the target's revision differs
 from the last synced one, or (``selfHeal``) live objects drifted from it. A sync dry-runs every object first and
-applies only when all would be accepted; ``prune`` deletes tracked objects the target no longer has. A revision
-whose sync failed is not retried until Git moves (Argo CD's retry backoff is not simulated).
+applies only when all would be accepted; ``prune`` deletes tracked objects the target no longer has. A failed
+attempt is retried after ``syncPolicy.retry``'s backoff (clock time; the operation stays Running, and a newer
+commit waits for it, as in Argo CD); once the retries are spent it ends Failed and that revision is not synced
+again until Git moves.
 """
 
 from __future__ import annotations
 
 import copy
 from collections.abc import Callable
-from datetime import datetime
+from datetime import datetime, timedelta
 
 from .helmapp import (
     TRACKING,
@@ -30,7 +32,7 @@ from .helmapp import (
     tracking_id,
     worst,
 )
-from .rollouts import rfc3339
+from .rollouts import duration_seconds, rfc3339
 from .store import BY_KIND, ApiError, Obj, Store
 
 APPLICATION = BY_KIND["Application"]
@@ -73,7 +75,17 @@ class HelmApplication:
         self.revision: str | None = None
         self.error: str | None = None  # the ComparisonError of the last refresh
         self.synced: str | None = None  # the revision of the last successful sync
-        self.failed: str | None = None  # a revision whose sync failed: not retried automatically
+        self.failed: str | None = None  # a revision whose sync failed for good: not synced again automatically
+        retry = policy.get("retry") or {}
+        backoff = retry.get("backoff") or {}
+        self.retry_limit = int(retry.get("limit", 0)) if retry else 0  # negative: without end
+        self.backoff = (
+            duration_seconds(backoff.get("duration", "5s")),
+            float(backoff.get("factor", 2)),
+            duration_seconds(backoff.get("maxDuration", "3m")),
+        )
+        self.retries = 0
+        self.retry_at: datetime | None = None
         self.applied: dict[Key, Obj] = {}  # last applied manifests (kubectl's last-applied-configuration)
         self.kinds: set[str] = set()
         self.pending: tuple[str, list[Obj]] | None = None
@@ -155,8 +167,7 @@ class HelmApplication:
             label = "reasons" if len(messages) > 1 else "reason"
             results = [{**_ref(o), "status": "SyncFailed", "message": m, "syncPhase": "Sync"} for o, m in failures]
             message = f"one or more objects failed to apply (dry run), {label}: {','.join(messages)}"
-            self.failed = revision
-            self._record(revision, "Failed", message, started, results)
+            self._failed(revision, message, started, results)
             return
         if create_ns and self.source.namespace not in namespaces:
             self.store.create(NAMESPACE, "", {"metadata": {"name": self.source.namespace}})
@@ -169,6 +180,27 @@ class HelmApplication:
                 results.append({**_ref(obj), "status": "Pruned", "message": "pruned", "syncPhase": "Sync"})
         self.synced, self.failed = revision, None
         self._record(revision, "Succeeded", "successfully synced (all tasks run)", started, results)
+        self.pending, self.retries, self.retry_at = None, 0, None
+
+    def _failed(self, revision: str, message: str, started: str, results: list[Obj]) -> None:
+        """A failed attempt: retried after the backoff while ``syncPolicy.retry.limit`` allows (the operation
+        stays Running, as Argo CD keeps it), else the operation ends Failed."""
+        if self.retry_limit < 0 or self.retries < self.retry_limit:
+            duration, factor, longest = self.backoff
+            self.retry_at = self.clock() + timedelta(seconds=min(duration * factor**self.retries, longest))
+            self.retries += 1
+            at = f"{self.retry_at:%I:%M%p}".lstrip("0")
+            message = f"{message}. Retrying attempt #{self.retries} at {at}."
+            self._record(revision, "Running", message, started, results)
+            return
+        if self.retries:
+            message = f"{message} (retried {self.retries} times)."
+        self._record(revision, "Failed", message, started, results)
+        self.failed, self.pending, self.retry_at = revision, None, None
+
+    def due(self) -> bool:
+        """A running operation may (re)try now: its retry backoff, if any, has passed."""
+        return self.pending is not None and (self.retry_at is None or self.clock() >= self.retry_at)
 
     def _get(self, obj: Obj) -> Obj | None:
         kind, namespace, name = key_of(obj)
@@ -229,6 +261,8 @@ class HelmApplication:
                 "finishedAt": finished,
                 "syncResult": {"revision": revision, "source": self._source(), "resources": results},
             }
+            if self.retries:
+                status["operationState"]["retryCount"] = self.retries
             if phase == "Succeeded":
                 history = status.setdefault("history", [])
                 history.append(
@@ -244,7 +278,6 @@ class HelmApplication:
                 del history[:-10]  # revisionHistoryLimit
 
         self.store.update(APPLICATION, self.namespace, self.name, record)
-        self.pending = None
 
     # one reconcile ------------------------------------------------------------------------------------------------
     def reconcile(self, may_sync: bool, slow_ticks: int) -> None:
@@ -269,6 +302,7 @@ class HelmApplication:
         )
         if start and self.revision is not None and self.target is not None:
             self.pending, self.ticks_left = (self.revision, copy.deepcopy(self.target)), slow_ticks
+            self.retries, self.retry_at = 0, None
         resources, healths = [], []
         for key, live in [*found.items(), *extra.items()]:
             shown = _ref(live) if live is not None else _ref(next(o for o in self.target or [] if key_of(o) == key))

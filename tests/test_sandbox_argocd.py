@@ -286,15 +286,28 @@ def test_an_object_the_api_server_refuses_fails_the_sync_and_nothing_is_applied(
     before = {key: body(obj) for key, obj in stage.objects().items()}
     bad = {"metrics.podMonitor.labels": {"release": "kube prometheus"}, **promotion("awq-0004").changes()}
     sha = stage.values(bad, "promote with a bad label")
-    status = stage.refresh()["status"]
+    operation = stage.refresh()["status"]["operationState"]
+    refused = 'PodMonitor.monitoring.coreos.com "llm-inference" is invalid: metadata.labels: Invalid value'
+    assert (operation["phase"], operation["syncResult"]["revision"], operation["retryCount"]) == ("Running", sha, 1)
+    assert operation["message"].startswith(f"one or more objects failed to apply (dry run), reason: {refused}")
+    assert "Retrying attempt #1 at " in operation["message"]  # syncPolicy.retry: limit 5, backoff 10s x2 to 3m
+    stage.cluster.tick(3)
+    assert stage.app()["status"]["operationState"]["retryCount"] == 1  # the backoff has not passed
+    with stage.cluster.running(), pytest.raises(TerminalError) as caught:  # still retrying: not over yet
+        stage.kube().wait_synced(ArgoCDApp(application=APP), sha, timeout_s=1)
+    assert "did not make commit" in str(caught.value) and "operation Running" in str(caught.value)
+    for _ in range(5):
+        stage.cluster.clock.advance(180)
+        stage.cluster.tick()
+    status = stage.app()["status"]
     operation = status["operationState"]
-    assert (operation["phase"], operation["syncResult"]["revision"]) == ("Failed", sha)
-    assert operation["message"].startswith("one or more objects failed to apply (dry run), reason: ")
-    assert 'PodMonitor.monitoring.coreos.com "llm-inference" is invalid: metadata.labels' in operation["message"]
+    assert (operation["phase"], operation["retryCount"]) == ("Failed", 5)
+    assert operation["message"].endswith("(retried 5 times).") and refused in operation["message"]
     assert status["sync"]["status"] == "OutOfSync" and status["health"]["status"] == "Healthy"
     assert {key: body(obj) for key, obj in stage.objects().items()} == before  # the Rollout was not promoted
+    stage.cluster.clock.advance(600)
     stage.cluster.tick(3)
-    assert stage.app()["status"]["operationState"]["phase"] == "Failed"  # not retried on the same commit
+    assert stage.app()["status"]["operationState"]["phase"] == "Failed"  # not synced again on the same commit
     with stage.cluster.running(), pytest.raises(TerminalError) as caught:
         stage.kube().wait_synced(ArgoCDApp(application=APP), sha, timeout_s=10)
     assert "ended Failed" in str(caught.value) and "metadata.labels" in str(caught.value)
@@ -302,6 +315,7 @@ def test_an_object_the_api_server_refuses_fails_the_sync_and_nothing_is_applied(
     fixed = stage.values({"metrics.podMonitor.labels": {"release": "kube-prometheus"}}, "fix the label")
     status = stage.refresh()["status"]
     assert (status["operationState"]["phase"], status["sync"]["revision"]) == ("Succeeded", fixed)
+    assert "retryCount" not in status["operationState"]
     assert stage.get("Rollout", "llm-inference")["spec"]["template"]["spec"]["containers"][0]["args"][0] == (
         "/models/awq-0004"
     )
@@ -349,11 +363,15 @@ def test_what_the_simulator_writes_fits_the_official_application_crd(stage: Stag
     stage.values({"replicas": "two"}, "broken values")
     snapshots.append(stage.refresh())  # ComparisonError
     stage.values({"replicas": 1, "metrics.podMonitor.labels": {"release": "a b"}}, "refused label")
-    snapshots.append(stage.refresh())  # a failed sync
+    snapshots.append(stage.refresh())  # a failed sync attempt, retried
+    for _ in range(5):
+        stage.cluster.clock.advance(180)
+        stage.cluster.tick()
+    snapshots.append(stage.app())  # the retries spent: Failed
     stage.values({"metrics.podMonitor.enabled": False}, "no PodMonitor")
     snapshots.append(stage.refresh())  # synced, one object pruned
-    assert [s["status"]["operationState"]["phase"] for s in snapshots] == ["Succeeded", "Succeeded", "Failed",
-                                                                           "Succeeded"]  # fmt: skip
+    phases = [s["status"]["operationState"]["phase"] for s in snapshots]
+    assert phases == ["Succeeded", "Succeeded", "Running", "Failed", "Succeeded"]
     for app in snapshots:
         jsonschema.validate(app, schema, cls=jsonschema.Draft7Validator)
     broken = {**snapshots[0], "status": {**snapshots[0]["status"], "history": [{"id": "one"}]}}
