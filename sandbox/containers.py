@@ -22,7 +22,6 @@ from pipeline import vllm
 from .store import BY_KIND, ApiError, Obj, Store
 
 SECRET, CONFIGMAP = BY_KIND["Secret"], BY_KIND["ConfigMap"]
-ROOT = Path(__file__).resolve().parent.parent
 VLLM_PORT = 8000  # vLLM's default --port
 BASE_ENV = ("PATH", "HOME", "LANG", "LC_ALL", "TMPDIR", "USER", "TZ")  # what any container image would have
 
@@ -65,7 +64,7 @@ class Runtime:
     ``images`` maps an image repository (no tag) to a function from the container spec to its argv.
     """
 
-    vllm_python: Path = field(default_factory=lambda: ROOT / ".venv-vllm" / "bin" / "python")
+    vllm_python: Path = field(default_factory=vllm.runtime_python)  # $MODELCTL_VLLM_PYTHON, else .venv-vllm
     pipeline_python: Path = field(default_factory=lambda: Path(sys.executable))
     env: dict[str, str] = field(default_factory=dict)
     images: dict[str, Callable[[Obj], list[str]]] = field(default_factory=dict)
