@@ -59,23 +59,43 @@ def guarded(kube: Kube, env_name: str, env: Environment, holder: str, canary_rep
 
 
 def walk(
-    kube: Kube, env_name: str, env: Environment, check: Check, started: float, events: list[StepEvent]
+    kube: Kube,
+    env_name: str,
+    env: Environment,
+    check: Check,
+    started: float,
+    events: list[StepEvent],
+    first_version: bool = False,
 ) -> Abort | Done:
-    """Step the canary until it is done or must be aborted: check at each pause, promote after N passes."""
+    """Step the canary until it is done or must be aborted: check at each pause, promote after N passes.
+
+    ``first_version``: nothing ran before this version (the chart's stable ReplicaSet is the empty one, with no
+    model), so there is no stable to compare a canary with: the update is promoted in full at once, as Argo
+    Rollouts does by itself for a Rollout's very first template.
+    """
     _require_cluster(env_name, env)
     assert env.rollout is not None
     policy = env.canary
     checks: list[GateResult] = []
     step: int | None = -1
     step_since = kube.clock()
+    full = False
     while True:
         seen = kube.rollout(env.rollout)
+        if first_version and not full and not seen.finished:
+            kube.promote(env.rollout, full=True)
+            full = True
+            reason = "first version: no stable version to compare a canary with; promoted in full"
+            events.append(StepEvent(at=seen.step, action="promote", reason=reason, seconds=kube.clock() - started))
+            continue
         if seen.step_index != step:
             step, checks, step_since = seen.step_index, [], kube.clock()
         action = decide(seen, policy, checks, step_elapsed_s=kube.clock() - step_since)
         elapsed = round(kube.clock() - started, 3)
         if isinstance(action, Wait):
-            if action.check:
+            if full:  # promoted in full: no checks, wait for the new version to be stable
+                kube.sleep(min(action.after_s or policy.check_interval_s, policy.check_interval_s))
+            elif action.check:
                 result = check(seen)
                 checks.append(result)
                 events.append(
@@ -127,8 +147,10 @@ def deploy(
     commit: str,
     promotion_id: str,
     check: Check,
+    first_version: bool = False,
 ) -> RolloutOutcome:
-    """Make ``commit`` live through Argo CD and walk its canary; on any failure, revert.
+    """Make ``commit`` live through Argo CD and walk its canary (promoted in full when it is the environment's
+    ``first_version``: see :func:`walk`); on any failure, revert.
 
     Raises:
         TerminalError: the revert itself failed (the message says what is left to do by hand).
@@ -143,7 +165,7 @@ def deploy(
         events.append(
             StepEvent(at="sync", action="synced", reason=f"{commit[:12]} is live", seconds=kube.clock() - started)
         )
-        action = walk(kube, env_name, env, check, started, events)
+        action = walk(kube, env_name, env, check, started, events, first_version)
     except PipelineError as exc:
         action = Abort(f"{exc.what}")
     if isinstance(action, Done):

@@ -462,3 +462,30 @@ def test_timeline_command_prints_a_records_canary_and_says_when_git_has_none(sta
     assert from_git.exit_code == 2
     assert f"the record of promotion {promotion.id} in Git has no canary timeline" in from_git.output
     assert "--record FILE" in from_git.output
+
+
+def test_a_first_version_is_promoted_in_full_without_checks(stage: Stage) -> None:
+    """Nothing ran before it (the chart's empty stable ReplicaSet): no canary to compare, so promote --full."""
+    promotion, commit = stage.promote("awq-w4a16-g128-0000000000000009")
+    steps, check = checks()
+    with stage.cluster.running():
+        outcome = deploy(stage.kube, stage.gitops, "staging", ENV, commit, promotion.id, check, first_version=True)
+    assert outcome.final == "done", outcome.reason
+    assert steps == [], "no canary check: there is no stable version to compare with"
+    promotes = [e for e in outcome.steps if e.action == "promote"]
+    assert len(promotes) == 1 and "first version" in promotes[0].reason
+    sent = [r.body for r in stage.cluster.server.sent("patch", "/rollouts/llm-inference/status")]
+    assert {"status": {"promoteFull": True}} in sent
+    seen = stage.seen()
+    assert seen.client_phase == "Healthy" and seen.finished
+
+
+def test_a_later_version_walks_its_canary_with_checks(stage: Stage) -> None:
+    """The same deploy without first_version checks at each pause (the other side of the test above)."""
+    promotion, commit = stage.promote("awq-w4a16-g128-0000000000000010")
+    steps, check = checks()
+    with stage.cluster.running():
+        outcome = deploy(stage.kube, stage.gitops, "staging", ENV, commit, promotion.id, check)
+    assert outcome.final == "done" and steps, "checks ran at the pause steps"
+    sent = [r.body for r in stage.cluster.server.sent("patch", "/rollouts/llm-inference/status")]
+    assert {"status": {"promoteFull": True}} not in sent
