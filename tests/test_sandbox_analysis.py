@@ -22,6 +22,7 @@ from pipeline.gitops import CHART, Promotion, edit_values
 from sandbox.analysis import ANALYSISRUN, evaluate_result
 from sandbox.analysis_factory import ANALYSISTEMPLATE
 from sandbox.cluster import FakeClock, rollout_manifest
+from sandbox.expressions import ConditionError, evaluate
 from sandbox.pods import HASH_LABEL
 from sandbox.replicasets import POD, SERVICE
 from sandbox.rollout_analysis import ANALYSIS_OFF, INCONCLUSIVE
@@ -167,6 +168,26 @@ def test_the_charts_conditions_read_no_data_as_inconclusive_never_as_a_pass(char
     assert evaluate_result(ttft, [math.nan]) == "Inconclusive"  # series, but no requests in the window
     assert evaluate_result(metrics["error-ratio"], [0.0]) == "Successful"
     assert evaluate_result(metrics["error-ratio"], [0.5]) == "Failed"
+
+
+@pytest.mark.parametrize(
+    ("condition", "result", "expected"),
+    [
+        ("result[0] <= 0.5 || isNaN(result[0])", [math.nan], True),
+        ("len(result) == 0", [], True),
+        ("len(result) > 0 && result[0] < 1", [], False),  # short-circuit: result[0] is never read
+        ("not (result > 2) and true", 3.0, False),
+        ("asFloat('1.5') * 2 == 3 && -result[1] < 0", [0, 2], True),
+    ],
+)
+def test_conditions_are_evaluated_as_argo_does(condition: str, result: Any, expected: bool) -> None:
+    assert evaluate(condition, result) is expected
+
+
+@pytest.mark.parametrize("condition", ["result[0] < 1", "__import__('os')", "result.x", "1 +", "result[0]"])
+def test_a_condition_that_cannot_be_evaluated_is_an_error_never_a_verdict(condition: str) -> None:
+    with pytest.raises(ConditionError):
+        evaluate(condition, [] if condition == "result[0] < 1" else [0.2])
 
 
 def test_a_good_canary_passes_its_analysis_and_the_run_ends_successful(
