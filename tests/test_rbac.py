@@ -162,10 +162,10 @@ def test_the_server_answers_403_as_kubernetes_does_and_401_without_a_valid_token
     )
     assert client.CoreV1Api(bare.admin_client).list_node().items == []  # the admin sets tests up
     with pytest.raises(ApiException) as caught:  # authorized before routing: a kind the fake lacks is refused too
-        client.CoreV1Api(bare.api_client).list_namespaced_service("llm")
+        client.CoreV1Api(bare.api_client).list_namespaced_replication_controller("llm")
     assert caught.value.status == 403
     with pytest.raises(ApiException) as caught:
-        client.CoreV1Api(bare.admin_client).list_namespaced_service("llm")
+        client.CoreV1Api(bare.admin_client).list_namespaced_replication_controller("llm")
     assert caught.value.status == 404
     config = client.Configuration()
     config.host, config.retries = bare.server.url, False
