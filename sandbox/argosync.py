@@ -165,19 +165,25 @@ class HelmApplication:
         if failures:
             messages = [reason for _, reason in failures]
             label = "reasons" if len(messages) > 1 else "reason"
-            results = [{**_ref(o), "status": "SyncFailed", "message": m, "syncPhase": "Sync"} for o, m in failures]
+            refused = [{**_ref(o), "status": "SyncFailed", "message": m, "syncPhase": "Sync"} for o, m in failures]
             message = f"one or more objects failed to apply (dry run), {label}: {','.join(messages)}"
-            self._failed(revision, message, started, results)
+            self._failed(revision, message, started, refused)
             return
         if create_ns and self.source.namespace not in namespaces:
             self.store.create(NAMESPACE, "", {"metadata": {"name": self.source.namespace}})
-        results = [self._apply(obj) for obj in sorted(objects, key=_order)]
+        results: list[Obj] = []
         keys = {key_of(obj) for obj in objects}
-        for key, obj in (self.tracked() if self.prune else {}).items():
-            if key not in keys:
-                self.store.delete(BY_KIND[key[0]], key[1], key[2])
-                self.applied.pop(key, None)
-                results.append({**_ref(obj), "status": "Pruned", "message": "pruned", "syncPhase": "Sync"})
+        try:
+            for obj in sorted(objects, key=_order):
+                results.append(self._apply(obj))
+            for key, obj in (self.tracked() if self.prune else {}).items():
+                if key not in keys:
+                    self.store.delete(BY_KIND[key[0]], key[1], key[2])
+                    self.applied.pop(key, None)
+                    results.append({**_ref(obj), "status": "Pruned", "message": "pruned", "syncPhase": "Sync"})
+        except ApiError as exc:  # changed under the sync (a race the dry run cannot see): what was applied stays
+            self._failed(revision, f"one or more objects failed to apply, reason: {exc.message}", started, results)
+            return
         self.synced, self.failed = revision, None
         self._record(revision, "Succeeded", "successfully synced (all tasks run)", started, results)
         self.pending, self.retries, self.retry_at = None, 0, None
@@ -307,7 +313,9 @@ class HelmApplication:
         for key, live in [*found.items(), *extra.items()]:
             shown = _ref(live) if live is not None else _ref(next(o for o in self.target or [] if key_of(o) == key))
             entry: Obj = {**shown, "status": "OutOfSync" if key in out_of_sync else "Synced"}
-            if key in extra:
+            if self.error:  # no target to compare with (Argo CD: every resource Unknown)
+                entry["status"] = "Unknown"
+            elif key in extra:
                 entry["requiresPruning"] = True
             health = resource_health(live) if live is not None else ("Missing", "")
             if health is not None:

@@ -123,7 +123,9 @@ def _render_commit(commit: git.Commit, source: HelmSource) -> list[Obj]:
     try:
         chart_tree = commit.tree if source.path == "." else commit.tree / source.path
     except KeyError:
-        raise RenderError(f"Manifest generation error (cached): {source.path}: app path does not exist") from None
+        chart_tree = None
+    if not isinstance(chart_tree, git.Tree):
+        raise RenderError(f"Manifest generation error (cached): {source.path}: app path does not exist")
     failed = f"{source.command()} failed exit status 1: Error: "
     values: dict[str, Any] = {}
     for value_file in source.value_files:

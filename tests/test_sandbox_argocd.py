@@ -262,6 +262,7 @@ def test_a_commit_that_breaks_the_chart_fails_with_helms_error_and_nothing_chang
     assert (status["operationState"]["phase"], status["operationState"]["syncResult"]["revision"]) == (
         "Succeeded", good)  # fmt: skip  # Argo CD skips auto-sync when it cannot compare
     assert status["health"]["status"] == "Healthy"  # the old objects keep running
+    assert {r["status"] for r in status["resources"]} == {"Unknown"} and len(status["resources"]) == len(before)
     assert {key: body(obj) for key, obj in stage.objects().items()} == before
 
     with stage.cluster.running(), pytest.raises(TerminalError) as caught:
