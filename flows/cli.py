@@ -137,7 +137,10 @@ def promote(
     ] = None,
     env: EnvOption = "",
     config: ConfigOption = Path("promotion.yaml"),
-    method: Annotated[Literal["awq", "gptq"] | None, typer.Option(help="default: the config's")] = None,
+    method: Annotated[
+        Literal["awq", "gptq", "none"] | None,
+        typer.Option(help="default: the config's; none = unquantized (for engines without 4-bit kernels)"),
+    ] = None,
     backend: Annotated[Literal["llmcompressor", "autoawq"] | None, typer.Option(help="default: the config's")] = None,
     promotion_id: Annotated[
         str | None, typer.Option("--id", help="re-run a promotion by its id (it converges)")

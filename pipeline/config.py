@@ -91,21 +91,50 @@ class Calibration(Strict):
     max_seq_len: PositiveInt = 256
 
 
-class Quantization(Strict):
-    """The default quantization recipe; `modelctl promote --method` may override the method."""
+UNQUANTIZED_IGNORES = ("bits", "group_size", "symmetric", "ignore", "calibration")
 
-    method: Literal["awq", "gptq"] = "awq"
+
+class Quantization(Strict):
+    """The default quantization recipe; `modelctl promote --method` may override the method.
+
+    ``method: none`` builds an unquantized artifact (the source's weights, optionally cast to ``dtype``): for
+    engines that cannot serve 4-bit weights, such as vLLM's CPU build without AVX-512.
+    """
+
+    method: Literal["awq", "gptq", "none"] = "awq"
     backend: Literal["llmcompressor", "autoawq"] = "llmcompressor"
     bits: Literal[4] = 4
     group_size: Literal[32, 64, 128] = 128
     symmetric: bool = True
     ignore: list[str] = Field(default_factory=lambda: ["lm_head"])
     calibration: Calibration = Calibration()
+    dtype: Literal["bfloat16", "float16", "float32"] | None = Field(
+        None, description="method none only: cast the weights to this dtype (None: keep the source's)"
+    )
 
     @model_validator(mode="after")
     def _backend_supports_method(self) -> Quantization:
         if self.backend == "autoawq" and self.method != "awq":
             raise ValueError("backend 'autoawq' only does method 'awq'; use backend 'llmcompressor' for gptq")
+        if self.method != "none" and self.dtype is not None:
+            raise ValueError(
+                f"dtype applies to method 'none' only ({self.method} keeps the source's dtype); remove dtype, "
+                "or set method: none for an unquantized artifact"
+            )
+        if self.method == "none":
+            fields = Quantization.model_fields
+            given = [
+                key
+                for key in UNQUANTIZED_IGNORES
+                if key in self.model_fields_set
+                and getattr(self, key) != fields[key].get_default(call_default_factory=True)
+            ]
+            if given:
+                verb, them = ("does", "it") if len(given) == 1 else ("do", "them")
+                raise ValueError(
+                    f"method 'none' quantizes nothing, so {', '.join(given)} {verb} not apply; remove {them}, "
+                    "or choose method awq or gptq"
+                )
         return self
 
 

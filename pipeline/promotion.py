@@ -170,8 +170,9 @@ def artifacts_root(env: Environment) -> Path:
 
 
 def serving_format(artifact: Artifact) -> str:
-    """The quantization name vLLM is given for the artifact's format."""
-    return "compressed-tensors" if artifact.format == "compressed-tensors" else "awq"
+    """The quantization name vLLM is given for the artifact's format (the chart's ``model.quantization``);
+    ``none`` for an unquantized artifact: the chart then passes no ``--quantization`` flag."""
+    return {"compressed-tensors": "compressed-tensors", "unquantized": "none"}.get(artifact.format, "awq")
 
 
 def check_requires(gitops: GitOps, env_name: str, env: Environment, stored: StoredArtifact) -> None:

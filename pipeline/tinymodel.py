@@ -399,6 +399,12 @@ def build(
 
 
 NOISE_STRENGTH = 4.0
+# The sandbox demo's candidates (measured in benchmarks/sandbox_models.py): v1 is a mildly damaged copy that
+# passes the smoke suite's floors with no baseline, v2 the clean model (better than v1), v3 `deepen` of v2 (the
+# same answers, many times the compute per token: the canary's latency check must catch it).
+V1_STRENGTH = 1.5
+SLOW_LAYERS = 16
+SLOW_INTERMEDIATE = 2048
 
 
 def damage(src: str | Path, dest: str | Path, strength: float = NOISE_STRENGTH) -> Path:
@@ -433,3 +439,13 @@ def damage(src: str | Path, dest: str | Path, strength: float = NOISE_STRENGTH) 
     save_file(tensors, dest / "model.safetensors", metadata={"format": "pt"})
     (dest / "DAMAGED").write_text(f"weights damaged on purpose: gaussian noise x{strength} of each matrix's std\n")
     return dest
+
+
+def deepen(src: str | Path, dest: str | Path, layers: int, intermediate: int | None = None) -> Path:
+    """A deeper (optionally wider) copy of the model in ``src`` with the same outputs: the slow candidate.
+
+    See :mod:`pipeline.tinymodel_deepen`. Raises TerminalError when it cannot be made (nothing is written then).
+    """
+    from pipeline.tinymodel_deepen import deepen as run
+
+    return run(src, dest, layers, intermediate)

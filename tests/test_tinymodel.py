@@ -105,3 +105,54 @@ def test_facts_are_deterministic_and_answerable() -> None:
     for item in tinymodel.eval_items(table):
         assert item["choices"][item["gold"]] == item["answer"]
         assert len(item["choices"]) == 8
+
+
+def test_deepened_copy_answers_like_the_source_at_more_depth(tiny_model: Path, tmp_path: Path) -> None:
+    import torch
+
+    deep = tinymodel.deepen(tiny_model, tmp_path / "deep", layers=5, intermediate=768)
+    config = json.loads((deep / "config.json").read_text())
+    assert (config["num_hidden_layers"], config["intermediate_size"]) == (5, 768)
+    assert (deep / "model.safetensors").read_bytes() != (tiny_model / "model.safetensors").read_bytes()
+    assert (deep / "tokenizer.json").read_bytes() == (tiny_model / "tokenizer.json").read_bytes()
+    assert not (deep / tinymodel.MARKER).exists(), "the source's build marker (its weights digest) is not copied"
+    source_scores = json.loads((tiny_model / tinymodel.MARKER).read_text())["scores"]  # measured at build
+    deep_scores = tinymodel.score(deep)
+    for key in ("multiple_choice", "generation"):
+        assert abs(deep_scores[key] - source_scores[key]) <= 1e-4, (deep_scores, source_scores)
+    # Not only the scores: the next-token distribution is the source's.
+    (model, tokenizer), (deeper, _) = tinymodel.load(tiny_model), tinymodel.load(deep)
+    ids = tokenizer(tinymodel.facts()[0].prompt, return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        assert torch.allclose(model(ids).logits, deeper(ids).logits, atol=1e-4)
+
+
+@pytest.mark.parametrize(
+    ("layers", "intermediate", "reason"),
+    [(1, None, "would shrink the model"), (2, 256, "would shrink the model"), (2, None, "nothing to add")],
+)
+def test_deepen_refuses_what_would_change_the_answers_or_nothing(
+    tiny_model: Path, tmp_path: Path, layers: int, intermediate: int | None, reason: str
+) -> None:
+    with pytest.raises(TerminalError, match=reason):
+        tinymodel.deepen(tiny_model, tmp_path / "deep", layers, intermediate)
+    assert not (tmp_path / "deep").exists()
+
+
+def test_deepen_refuses_a_non_empty_destination(tiny_model: Path, tmp_path: Path) -> None:
+    (tmp_path / "deep").mkdir()
+    (tmp_path / "deep" / "notes.txt").write_text("keep me")
+    with pytest.raises(TerminalError, match="not empty"):
+        tinymodel.deepen(tiny_model, tmp_path / "deep", 4)
+    assert [p.name for p in (tmp_path / "deep").iterdir()] == ["notes.txt"]
+
+
+def test_demo_first_version_passes_the_floors_and_is_worse_than_the_clean_model(
+    tiny_model: Path, tmp_path: Path
+) -> None:
+    """v1 of the sandbox demo: above the smoke suite's floors (0.8, the whole rule with no baseline), yet the
+    clean model (v2) is better, so v2 is an honest improvement that the gate sees against v1's baseline."""
+    v1 = tinymodel.score(tinymodel.damage(tiny_model, tmp_path / "v1", strength=tinymodel.V1_STRENGTH))
+    v2 = json.loads((tiny_model / tinymodel.MARKER).read_text())["scores"]  # the clean model's, measured at build
+    assert min(v1["multiple_choice"], v1["generation"]) >= 0.9, v1  # the floor 0.8, with a margin
+    assert v2["multiple_choice"] + v2["generation"] > v1["multiple_choice"] + v1["generation"], (v1, v2)

@@ -22,7 +22,10 @@ def register(app: typer.Typer) -> None:
 
 def quantize(
     ref: Annotated[str, typer.Argument(help="org/name[@revision] on the Hub, or a local model directory")],
-    method: Annotated[Literal["awq", "gptq"] | None, typer.Option(help="default: the config's, else awq")] = None,
+    method: Annotated[
+        Literal["awq", "gptq", "none"] | None,
+        typer.Option(help="default: the config's, else awq; none = unquantized (the source's weights)"),
+    ] = None,
     backend: Annotated[Literal["llmcompressor", "autoawq"] | None, typer.Option(help="default: llmcompressor")] = None,
     out_dir: Annotated[Path, typer.Option("--out", help="where artifacts are kept")] = Path("artifacts"),
     samples: Annotated[int | None, typer.Option(help="calibration samples (default: the config's)")] = None,
@@ -31,7 +34,7 @@ def quantize(
     config: ConfigOption = None,
     as_json: JsonFlag = False,
 ) -> None:
-    """Quantize a model (AWQ or GPTQ, 4-bit) into an artifact; an artifact that exists already is a skip."""
+    """Quantize a model (AWQ or GPTQ, 4-bit; or none: unquantized) into an artifact; an existing one is a skip."""
     from pipeline.config import Quantization, load_config
     from pipeline.quantize import Calibration, Recipe
     from pipeline.quantize import quantize as run

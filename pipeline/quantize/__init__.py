@@ -1,4 +1,4 @@
-"""Quantize a pinned model into an immutable artifact: AWQ or GPTQ, with llmcompressor or AutoAWQ."""
+"""Quantize a pinned model into an immutable artifact: AWQ or GPTQ (llmcompressor or AutoAWQ), or unquantized."""
 
 from pipeline.quantize.recipe import Artifact, ArtifactFile, Backend, Calibration, Method, Recipe, artifact_id
 from pipeline.quantize.step import quantize, read_artifact

@@ -1,8 +1,11 @@
 """Recipe, Artifact and the artifact id: what to build, what was built, and its identity.
 
 Artifact id = hash of (source repo, source sha, recipe, backend and its version, calibration data hash), with a
-readable prefix: ``awq-w4a16-g128-<16 hex>``. The same inputs always give the same id, so an id that already
-exists on disk is a finished build and re-running it is a skip.
+readable prefix: ``awq-w4a16-g128-<16 hex>`` (``unquantized-<16 hex>`` for method ``none``). The same inputs
+always give the same id, so an id that already exists on disk is a finished build and re-running it is a skip.
+
+Method ``none`` is the unquantized recipe: the source's safetensors weights as they are (or cast to ``dtype``),
+written by the ``safetensors`` backend with no calibration, for engines that cannot serve 4-bit weights.
 """
 
 from __future__ import annotations
@@ -13,21 +16,27 @@ from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from pipeline.config import Calibration, Quantization
 from pipeline.errors import TerminalError
 from pipeline.source import ModelSource, SourcePolicy
 
-Method = Literal["awq", "gptq"]
-Backend = Literal["llmcompressor", "autoawq"]
+Method = Literal["awq", "gptq", "none"]
+Backend = Literal["llmcompressor", "autoawq", "safetensors"]
+Dtype = Literal["bfloat16", "float16", "float32"]
 DEFAULT_CALIBRATION = Path(__file__).with_name("calibration.jsonl")
-BACKEND_DISTRIBUTIONS = {"llmcompressor": "llmcompressor", "autoawq": "autoawq"}
+BACKEND_DISTRIBUTIONS = {"llmcompressor": "llmcompressor", "autoawq": "autoawq", "safetensors": "safetensors"}
+DTYPE_LABELS = {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32"}
+QUANTIZING_FIELDS = ("bits", "group_size", "symmetric", "ignore", "calibration")
 MANIFEST = "artifact.json"
 
 
 class Recipe(BaseModel):
-    """How to quantize: method, bits, group size, symmetry, layers left alone, and calibration."""
+    """How to quantize: method, bits, group size, symmetry, layers left alone, and calibration.
+
+    Method ``none`` quantizes nothing: only ``dtype`` applies (None keeps the source's dtype).
+    """
 
     model_config = ConfigDict(frozen=True)
 
@@ -37,12 +46,29 @@ class Recipe(BaseModel):
     symmetric: bool = True
     ignore: tuple[str, ...] = ("lm_head",)
     calibration: Calibration = Calibration()
+    dtype: Dtype | None = None
+
+    @model_validator(mode="after")
+    def _fields_fit_the_method(self) -> Recipe:
+        if self.method != "none" and self.dtype is not None:
+            raise ValueError(f"dtype applies to method 'none' only ({self.method} keeps the source's dtype)")
+        if self.method == "none":
+            given = [k for k in QUANTIZING_FIELDS if getattr(self, k) != Recipe.model_fields[k].get_default()]
+            if given:
+                raise ValueError(f"method 'none' quantizes nothing: {', '.join(given)} cannot be set for it")
+        return self
 
     @classmethod
     def from_config(cls, settings: Quantization, method: Method | None = None) -> Recipe:
-        """The recipe promotion.yaml describes, with the method optionally overridden (`--method`)."""
+        """The recipe promotion.yaml describes, with the method optionally overridden (`--method`).
+
+        With method ``none`` only the dtype is taken: the quantization settings do not apply to it.
+        """
+        chosen = method or settings.method
+        if chosen == "none":
+            return cls(method="none", dtype=settings.dtype)
         return cls(
-            method=method or settings.method,
+            method=chosen,
             bits=settings.bits,
             group_size=settings.group_size,
             symmetric=settings.symmetric,
@@ -52,8 +78,33 @@ class Recipe(BaseModel):
 
     @property
     def name(self) -> str:
-        """A short readable name: ``awq-w4a16-g128`` (``-asym`` when asymmetric)."""
+        """A short readable name: ``awq-w4a16-g128`` (``-asym`` when asymmetric); ``unquantized[-bf16]``."""
+        if self.method == "none":
+            return "unquantized" + (f"-{DTYPE_LABELS[self.dtype]}" if self.dtype else "")
         return f"{self.method}-w{self.bits}a16-g{self.group_size}" + ("" if self.symmetric else "-asym")
+
+    def identity(self) -> dict[str, object]:
+        """What of the recipe names the artifact: for method none only the dtype (the rest does not apply);
+        a recipe without a dtype hashes as it did before the field existed, so existing ids stay the same."""
+        if self.method == "none":
+            return {"method": "none", "dtype": self.dtype}
+        dumped = self.model_dump(mode="json")
+        if dumped.get("dtype") is None:
+            dumped.pop("dtype", None)
+        return dumped
+
+
+def unquantized(recipe: Recipe) -> Recipe:
+    """The recipe as built: method none keeps only its dtype (a CLI may have copied calibration settings in)."""
+    return Recipe(method="none", dtype=recipe.dtype) if recipe.method == "none" else recipe
+
+
+def effective_backend(recipe: Recipe, backend: Backend) -> Backend:
+    """The backend that builds ``recipe``: method none is written by ``safetensors`` (no quantizer runs), whichever
+    quantizer the settings name by default; every other method by ``backend``."""
+    if recipe.method == "none" and backend == "llmcompressor":
+        return "safetensors"
+    return backend
 
 
 class ArtifactFile(BaseModel):
@@ -69,7 +120,7 @@ class Artifact(BaseModel):
 
     id: str
     path: str
-    format: Literal["compressed-tensors", "awq-gemm"]
+    format: Literal["compressed-tensors", "awq-gemm", "unquantized"]
     backend: Backend
     source: ModelSource
     recipe: Recipe
@@ -149,11 +200,25 @@ def calibration_sha256(texts: list[str]) -> str:
     return hashlib.sha256(json.dumps(texts).encode()).hexdigest()
 
 
+def calibration_for(recipe: Recipe) -> tuple[list[str], str]:
+    """The recipe's calibration texts and their hash; none (and an empty hash) for method none.
+
+    Raises:
+        TerminalError: the calibration file or dataset is missing, empty or has no text.
+    """
+    if recipe.method == "none":
+        return [], ""
+    texts = load_calibration(recipe.calibration)
+    return texts, calibration_sha256(texts)
+
+
 def artifact_id(source: ModelSource, recipe: Recipe, backend: Backend, calibration_hash: str) -> str:
     """The artifact's identity: a readable recipe prefix and 16 hex digits of the hash of every input."""
+    recipe = unquantized(recipe)
+    backend = effective_backend(recipe, backend)
     identity = {
         "source": {"repo": source.repo, "sha": source.sha},
-        "recipe": recipe.model_dump(mode="json"),
+        "recipe": recipe.identity(),
         "backend": backend,
         "backend_version": tool_version(BACKEND_DISTRIBUTIONS[backend]),
         "calibration_sha256": calibration_hash,

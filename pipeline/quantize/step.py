@@ -16,7 +16,7 @@ from pathlib import Path
 
 from pipeline.errors import TerminalError
 from pipeline.progress import Progress
-from pipeline.quantize import backend_autoawq
+from pipeline.quantize import backend_autoawq, backend_safetensors
 from pipeline.quantize.recipe import (
     MANIFEST,
     Artifact,
@@ -24,9 +24,10 @@ from pipeline.quantize.recipe import (
     Backend,
     Recipe,
     artifact_id,
-    calibration_sha256,
-    load_calibration,
+    calibration_for,
+    effective_backend,
     tool_version,
+    unquantized,
 )
 from pipeline.source import ModelSource, SourcePolicy, fetch, file_sha256
 
@@ -77,13 +78,22 @@ def quantize(
 ) -> Artifact:
     """Build (or find) the artifact for ``source`` quantized with ``recipe`` under ``out_root/<artifact id>``.
 
+    Method none (unquantized) is written by the ``safetensors`` backend whatever quantizer ``backend`` names by
+    default; the artifact has the same manifest, id and digest machinery as a quantized one.
+
     Raises:
         TerminalError: the recipe, backend or model cannot work together, or calibration data is missing.
     """
+    recipe = unquantized(recipe)
+    backend = effective_backend(recipe, backend)
     if backend == "autoawq":
         backend_autoawq.check(recipe)
-    texts = load_calibration(recipe.calibration)
-    calibration_hash = calibration_sha256(texts)
+    if backend == "safetensors" and recipe.method != "none":
+        raise TerminalError(
+            f"backend safetensors writes unquantized artifacts only (method none), not {recipe.method}",
+            hint="use backend llmcompressor (or autoawq for awq)",
+        )
+    texts, calibration_hash = calibration_for(recipe)
     ident = artifact_id(source, recipe, backend, calibration_hash)
     final = out_root / ident
     if (final / MANIFEST).is_file():
@@ -91,12 +101,17 @@ def quantize(
         return existing.model_copy(update={"skipped": True})
 
     model_dir = fetch(source, policy)
-    check_shapes(model_dir, recipe)
+    if recipe.method == "none":
+        backend_safetensors.check(model_dir)
+    else:
+        check_shapes(model_dir, recipe)
     out_root.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".building-{ident}-", dir=out_root))
     started = time.perf_counter()
     try:
-        if backend == "llmcompressor":
+        if backend == "safetensors":
+            fmt = backend_safetensors.write(model_dir, tmp, recipe, progress)
+        elif backend == "llmcompressor":
             from pipeline.quantize import backend_llmcompressor
 
             fmt = backend_llmcompressor.quantize(model_dir, tmp, recipe, texts, progress)
@@ -121,7 +136,15 @@ def quantize(
             calibration_sha256=calibration_hash,
             tool_versions={
                 name: tool_version(name)
-                for name in ("modelctl", "torch", "transformers", "llmcompressor", "compressed-tensors", "autoawq")
+                for name in (
+                    "modelctl",
+                    "torch",
+                    "transformers",
+                    "safetensors",
+                    "llmcompressor",
+                    "compressed-tensors",
+                    "autoawq",
+                )
             },
             files=files,
             timings={"quantize_s": round(quantize_seconds, 3), "total_s": round(time.perf_counter() - started, 3)},

@@ -7,7 +7,7 @@ from typing import Literal
 
 from pipeline.progress import Progress
 from pipeline.quantize import Artifact, Backend, Recipe, artifact_id, quantize
-from pipeline.quantize.recipe import MANIFEST, calibration_sha256, load_calibration
+from pipeline.quantize.recipe import MANIFEST, calibration_for
 from pipeline.source import ModelSource, SourcePolicy
 from pipeline.steps.base import StepRequest
 
@@ -21,9 +21,8 @@ class QuantizeRequest(StepRequest):
     policy: SourcePolicy = SourcePolicy()
 
     def artifact_id(self) -> str:
-        """The id the build will have (reads the calibration data, loads no model)."""
-        texts = load_calibration(self.recipe.calibration)
-        return artifact_id(self.source, self.recipe, self.backend, calibration_sha256(texts))
+        """The id the build will have (reads the calibration data, if any; loads no model)."""
+        return artifact_id(self.source, self.recipe, self.backend, calibration_for(self.recipe)[1])
 
     def built(self) -> bool:
         """Whether the artifact is already on disk where this request builds it."""
