@@ -378,3 +378,32 @@ def test_what_the_simulator_writes_fits_the_official_application_crd(stage: Stag
     broken = {**snapshots[0], "status": {**snapshots[0]["status"], "history": [{"id": "one"}]}}
     with pytest.raises(jsonschema.ValidationError):  # the schema does check what is written
         jsonschema.validate(broken, schema, cls=jsonschema.Draft7Validator)
+
+
+def test_value_files_merge_in_order_a_null_removes_a_value_and_each_app_tracks_its_own(stage: Stage) -> None:
+    extra = "replicas: 3\nprogressDeadlineSeconds: 900\nnodeSelector: null\n"  # null: staging's selector removed
+    (Path(stage.work.working_tree_dir or ".") / "envs/staging/extra.yaml").write_text(extra)
+    stage.commit("envs/staging/extra.yaml", lambda text: text, "extra values")
+    app = stage.app()
+    app["spec"]["source"]["helm"]["valueFiles"] += ["../../envs/staging/extra.yaml"]
+    app["metadata"] = {"name": "second", "namespace": "argocd"}
+    app["spec"]["destination"]["namespace"] = "llm-second"
+    stage.argocd.add_application_manifest(app)
+    stage.values(promotion("awq-0008").changes(), "promote")  # the later file's replicas win over staging's 1
+    stage.argocd.tick()
+    stage.cluster.update("Application", "argocd", "second", lambda o: o["metadata"].setdefault("annotations", {})
+                         .update({"argocd.argoproj.io/refresh": "normal"}))  # fmt: skip
+    stage.cluster.tick(2)
+    rollout = stage.cluster.get("Rollout", "llm-second", "llm-inference")["spec"]
+    assert (rollout["replicas"], rollout["progressDeadlineSeconds"]) == (3, 900)
+    assert "nodeSelector" not in rollout["template"]["spec"]
+    assert stage.get("Rollout", "llm-inference")["spec"]["template"]["spec"]["nodeSelector"]  # staging's own
+    tracking = stage.cluster.get("Rollout", "llm-second", "llm-inference")["metadata"]["annotations"][TRACKING]
+    assert tracking == "second:argoproj.io/Rollout:llm-second/llm-inference"  # each Application tracks its own
+    stage.cluster.tick(2)
+    assert stage.get("Rollout", "llm-inference")["metadata"]["annotations"][TRACKING].startswith(f"{APP}:")
+    bad = stage.app()
+    bad["metadata"] = {"name": "third", "namespace": "argocd"}
+    bad["spec"]["ignoreDifferences"] = [{"group": "", "kind": "Service", "jqPathExpressions": [".spec | keys"]}]
+    with pytest.raises(ValueError, match=r"unsupported jqPathExpression '\.spec \| keys'"):
+        stage.argocd.add_application_manifest(bad)
