@@ -37,6 +37,7 @@ def _summary(record: dict[str, Any], width: int = 100) -> list[str]:
     (no markdown)."""
     import textwrap
 
+    from pipeline.cli.timeline import timeline_lines
     from pipeline.record import PromotionRecord
 
     rec = PromotionRecord.model_validate(record)
@@ -58,6 +59,7 @@ def _summary(record: dict[str, Any], width: int = 100) -> list[str]:
             lines.append(f"  {label:<9} {gate.summary()}")
     if rec.rollout is not None:
         lines.append(f"  canary    {rec.rollout.final}: {rec.rollout.reason}")
+        lines += [f"            {row}" for row in timeline_lines(rec.rollout)]
     if rec.branch:
         lines.append(f"  branch    {rec.branch}")
     return lines
@@ -99,7 +101,7 @@ def _run_promotion(as_json: bool, start: Callable[[], dict[str, Any]]) -> dict[s
     line per step on the terminal as it ends, and the summary; on failure the log's tail."""
     from pipeline import processes
     from pipeline.config import cache_home
-    from pipeline.promotion import listening
+    from pipeline.promotion import PromotionReverted, listening
     from pipeline.runlog import run_log
 
     # Whatever this run starts dies with it, also by kill -9: Prefect's embedded server, servers, their children.
@@ -117,6 +119,11 @@ def _run_promotion(as_json: bool, start: Callable[[], dict[str, Any]]) -> dict[s
         with listening(on_step):
             try:
                 record = start()
+            except PromotionReverted as exc:  # the summary (with the canary's timeline) before the error
+                if not as_json:
+                    for line in _summary(exc.record.model_dump(mode="json"), log.width):
+                        log.print(log.fit(line))
+                raise
             except RuntimeError as exc:
                 if "ephemeral Prefect API server" not in str(exc):
                     raise

@@ -517,11 +517,15 @@ def _deploy(run: Run, commit: str, served: str) -> None:
     from pipeline.kube import Kube
 
     env, name, pid = run.env, run.env_name, run.record.id
+    # Nothing live before this promotion: the chart's stable ReplicaSet is the empty one, no canary to compare.
+    first = not [e for e in live_promotions(run.gitops.history(name)) if e.promotion_id != pid]
     with run.timed("canary"):
         try:
             outcome: RolloutOutcome = run.hooks.effect(
                 "canary",
-                lambda: deploy(Kube.connect(), run.gitops, name, env, commit, pid, canary_checks(name, env, served)),
+                lambda: deploy(
+                    Kube.connect(), run.gitops, name, env, commit, pid, canary_checks(name, env, served), first
+                ),
             )
         except Exception as exc:
             why = f"the promotion failed after its commit: {exc}"[:300]
@@ -535,5 +539,13 @@ def _finish(run: Run) -> PromotionRecord:
     run.record = run.record.model_copy(update={"timings": run.timings})
     run.hooks.report(run.record, run.env)
     if run.record.decision == "reverted":
-        raise TerminalError(f"promotion {run.record.id} to {run.env_name} was reverted: {run.record.reason}")
+        raise PromotionReverted(run.record)
     return run.record
+
+
+class PromotionReverted(TerminalError):
+    """The canary failed and the promotion was reverted; ``record`` is the finished record (with its timeline)."""
+
+    def __init__(self, record: PromotionRecord) -> None:
+        super().__init__(f"promotion {record.id} to {record.env} was reverted: {record.reason}")
+        self.record = record

@@ -325,3 +325,51 @@ def status(directory: DirOption = DEFAULT_DIR, as_json: JsonFlag = False) -> Non
             continue
         headers = list(rows[0])
         out.print(fit_table(headers, [[str(r[h]) for h in headers] for r in rows], {}))
+
+
+@sandbox_app.command("check")
+def check(directory: DirOption = DEFAULT_DIR, as_json: JsonFlag = False) -> None:
+    """Do Git and the cluster agree? For each environment of the sandbox's config: the branch head synced and
+    Healthy, the Rollout settled on the artifact Git names, every Ready pod on it. Exits 2 when they disagree."""
+    from pipeline.cli.render import emit_json, errors, out
+    from pipeline.config import load_config
+    from pipeline.errors import TerminalError
+    from sandbox.agreement import check as agreement
+
+    with errors(as_json):
+        state = read_state(directory)
+        if state is None or running_pid(directory) is None:
+            raise TerminalError(
+                f"no sandbox runs in {directory}", hint=f"start one: `modelctl sandbox up --dir {directory}`"
+            )
+        cfg = load_config(str(state["config"]))
+        kubeconfig = Path(str(state.get("admin_kubeconfig") or state["kubeconfig"]))
+        results = []
+        for name, env in cfg.environments.items():
+            if env.argocd is None or env.rollout is None:
+                continue
+            results.append(
+                agreement(
+                    kubeconfig,
+                    Path(str(state["gitops"])),
+                    name,
+                    env.values_file,
+                    env.argocd.application,
+                    env.rollout.namespace,
+                    env.rollout.name,
+                    cfg.gitops.branch,
+                )
+            )
+        if as_json:
+            emit_json({"ok": all(r.agree for r in results), "environments": [r.__dict__ for r in results]})
+        else:
+            for result in results:
+                out.print(("[green]✓[/] " if result.agree else "[red]✗[/] ") + result.summary(), highlight=False)
+        disagree = [r.env for r in results if not r.agree]
+        if disagree and not as_json:
+            raise TerminalError(
+                f"Git and the cluster disagree for {', '.join(disagree)}",
+                hint="see above; `modelctl sandbox status` shows the cluster's side",
+            )
+    if as_json and any(not r.agree for r in results):
+        raise typer.Exit(2)

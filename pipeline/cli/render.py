@@ -82,7 +82,11 @@ def report(exc: BaseException, as_json: bool) -> int:
     if as_json:
         kind = "transient" if code == 75 else "terminal"
         problems = getattr(mapped, "problems", None)
-        emit_json({"ok": False, "error": kind, "message": mapped.what, "problems": problems, "hint": mapped.hint})
+        payload = {"ok": False, "error": kind, "message": mapped.what, "problems": problems, "hint": mapped.hint}
+        record = getattr(mapped, "record", None)  # a reverted promotion's finished record (its canary timeline)
+        if record is not None and hasattr(record, "model_dump"):
+            payload["record"] = record.model_dump(mode="json")
+        emit_json(payload)
     else:
         _say(mapped.what, mapped.hint)
     return code

@@ -58,6 +58,19 @@ def _ms(value: float | None) -> str:
     return "-" if value is None else f"{value:.0f} ms"
 
 
+def timeline_lines(outcome: RolloutOutcome) -> list[str]:
+    """The timeline as plain text lines (for the end of `modelctl promote`): seconds, step, weight, the canary's
+    and stable's TTFT p95 from Prometheus where a check read them, and the decision."""
+    lines = [f"{'at':>7}  {'step':<10} {'weight':>6}  {'canary p95':>10}  {'stable p95':>10}  decision"]
+    for row in timeline_rows(outcome):
+        weight = "-" if row["weight"] is None else f"{row['weight']}%"
+        lines.append(
+            f"{row['seconds']:>6.0f}s  {str(row['step'])[:10]:<10} {weight:>6}  {_ms(row['canary_ttft_p95_ms']):>10}  "
+            f"{_ms(row['stable_ttft_p95_ms']):>10}  {row['decision']}"
+        )
+    return lines if len(lines) > 1 else []
+
+
 def timeline_table(outcome: RolloutOutcome, wide: bool = False) -> Table:
     """The canary timeline as a table: step, weight, canary and stable TTFT p95, decision, seconds, why."""
     cells = []
