@@ -400,11 +400,13 @@ def build(
 
 NOISE_STRENGTH = 4.0
 # The sandbox demo's candidates (measured in benchmarks/sandbox_models.py): v1 is a mildly damaged copy that
-# passes the smoke suite's floors with no baseline, v2 the clean model (better than v1), v3 `deepen` of v2 (the
-# same answers, many times the compute per token: the canary's latency check must catch it).
+# passes the smoke suite's floors (0.8) with no baseline (noise x1.5 scores 0.97 / 0.97 where the clean model
+# scores 1.0 / 1.0; x2 is at the floor, 0.83 / 0.80), v2 the clean model (better than v1), v3 `deepen` of v2 to
+# 12 layers and MLP width 1024 (the same answers; about 8x v2's TTFT when idle, 3 GB RSS like v2 in vLLM): the
+# canary's latency check must catch it.
 V1_STRENGTH = 1.5
-SLOW_LAYERS = 16
-SLOW_INTERMEDIATE = 2048
+SLOW_LAYERS = 12
+SLOW_INTERMEDIATE = 1024
 
 
 def damage(src: str | Path, dest: str | Path, strength: float = NOISE_STRENGTH) -> Path:

@@ -156,3 +156,17 @@ def test_demo_first_version_passes_the_floors_and_is_worse_than_the_clean_model(
     v2 = json.loads((tiny_model / tinymodel.MARKER).read_text())["scores"]  # the clean model's, measured at build
     assert min(v1["multiple_choice"], v1["generation"]) >= 0.9, v1  # the floor 0.8, with a margin
     assert v2["multiple_choice"] + v2["generation"] > v1["multiple_choice"] + v1["generation"], (v1, v2)
+
+
+def test_modelctl_tinymodel_deepen(tiny_model: Path, tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from pipeline.cli import app
+
+    runner = CliRunner()
+    ok = runner.invoke(app, ["tinymodel", "deepen", str(tiny_model), str(tmp_path / "deep"), "--layers", "3", "--json"])
+    assert ok.exit_code == 0, ok.output
+    assert json.loads((tmp_path / "deep" / "config.json").read_text())["num_hidden_layers"] == 3
+    refused = runner.invoke(app, ["tinymodel", "deepen", str(tiny_model), str(tmp_path / "less"), "--layers", "1"])
+    assert refused.exit_code == 2 and "would shrink the model" in refused.output
+    assert not (tmp_path / "less").exists()

@@ -90,7 +90,7 @@ def tiny_deepen(
     dest: Annotated[Path, typer.Argument(help="where to write the deeper copy (new or empty)")],
     layers: Annotated[
         int, typer.Option(help=f"decoder layers in the copy (the sandbox demo's slow v3: {SLOW_LAYERS})")
-    ] = SLOW_LAYERS,
+    ],
     intermediate: Annotated[
         int | None,
         typer.Option(help=f"MLP width in the copy (default: the source's; the demo's v3: {SLOW_INTERMEDIATE})"),
@@ -101,7 +101,8 @@ def tiny_deepen(
 
     The added layers and MLP units compute in full but their output projections are zero, so the copy scores as
     the source does (it passes the eval gate against it) while costing several times the compute per token.
-    It is the sandbox demo's v3, which the canary's latency check must catch and revert.
+    It is the sandbox demo's v3 (`--layers {SLOW_LAYERS} --intermediate {SLOW_INTERMEDIATE}` of the clean model),
+    which the canary's latency check must catch and revert.
     """
     from pipeline import tinymodel
 
