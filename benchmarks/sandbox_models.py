@@ -9,6 +9,13 @@ streaming completions at the same time and reports TTFT p50/p95 per server, from
 ``vllm:time_to_first_token_seconds`` histogram (the window between two ``/metrics`` scrapes). Figures are
 medians over rounds. ``--startup-variants`` also times v2's start under other env/flags (one at a time).
 
+Measured 2026-12-01 on the 2-core machine while other sessions ran up to 3 more vLLM servers (load average 6-20),
+v3 = 12x1024, 1.5 req/s per server, 90-token prompts, 16 streamed tokens: v3/v2 TTFT p95 (client, vLLM) 8.3/18.3,
+4.6/3.2 (split cores), 9.8/9.3 (split, no multiprocessing), 7.0/7.0 (auto, no multiprocessing); start 39-83 s
+(41 s with VLLM_ENABLE_V1_MULTIPROCESSING=0 when least loaded); RSS 3.04-3.07 GB, 2.41-2.45 GB without
+multiprocessing. Start-time variants (v2, one start each): default 82 s, VLLM_ENABLE_V1_MULTIPROCESSING=0 46 s,
+--max-num-seqs 16 --max-num-batched-tokens 512 96 s (no help), both 47 s.
+
     .venv/bin/python benchmarks/sandbox_models.py --json
     .venv/bin/python benchmarks/sandbox_models.py --v3 4x512 6x1024 --bind split --rounds 1 --json
 """
