@@ -487,3 +487,20 @@ def test_a_vllm_pod_serves_from_its_pvc_and_is_gone_when_deleted(server: FakeApi
     server.store.delete(POD, NS, "vllm")
     until(kubelet, lambda: not processes.group_alive(pid), timeout_s=30)
     assert os.path.exists(kubelet.volume_dir(NS, "model-cache") / "tiny")
+
+
+def test_each_vllm_container_gets_its_own_core_while_others_share_none(server: FakeApiServer, tmp_path: Path) -> None:
+    """vLLM binds its threads to core 0 by default: a stable and a canary pod would share one core. The kubelet binds
+    each vLLM container to the least used core (a CPU manager's static policy); other containers are not bound."""
+    node = Kubelet(server, tmp_path / "sandbox", Runtime(images={"vllm/vllm-openai": web, WEB_IMAGE: web}))
+    try:
+        for name in ("stable", "canary"):
+            server.store.create(POD, NS, pod(name, [web_container(image="vllm/vllm-openai:v0.32.0")]))
+        server.store.create(POD, NS, pod("other", [web_container()]))
+        until(node, lambda: all(ready_pod(server, n) for n in ("stable", "canary", "other")))
+        bound = {key[1]: run.containers[0].env.get("VLLM_CPU_OMP_THREADS_BIND") for key, run in node.runs.items()}
+    finally:
+        node.close()
+    cores = os.cpu_count() or 1
+    assert bound["other"] is None
+    assert {bound["stable"], bound["canary"]} == ({"0", "1"} if cores >= 2 else {"0"})
