@@ -389,6 +389,25 @@ def test_sync_failed_reads_failed_operations_and_render_errors_of_this_commit_on
     assert state(live).sync_failed(sha) is None, "already applied: not this commit's failure"
 
 
+def test_a_commit_that_renders_what_already_runs_is_live_without_a_sync_of_its_own() -> None:
+    """A revert back to the live manifests: Argo CD shows it Synced at once and its auto-sync runs nothing (it skips a
+    Synced application), so the last operation stays the older commit's. Live, once freshly compared; not while a
+    sync runs or the refresh is pending; and a commit that is not Synced is never live."""
+    sha, older = "e" * 40, "f" * 40
+    healthy = {"health": {"status": "Healthy"}, "reconciledAt": "2026-12-01T10:00:05Z"}
+    earlier = {"phase": "Succeeded", "syncResult": {"revision": older}, "finishedAt": "2026-12-01T10:00:00Z",
+               "operation": {"sync": {"revision": older}}}  # fmt: skip
+    same = {"sync": {"status": "Synced", "revision": sha}, "operationState": earlier, **healthy}
+    assert app_state(same).missing_for(sha) is None
+    assert app_state(same, refresh_pending=True).missing_for(sha) is not None, "not compared since the refresh"
+    running = {**same, "operationState": {**earlier, "phase": "Running"}}
+    assert "Running" in (app_state(running).missing_for(sha) or "")
+    differs = {**same, "sync": {"status": "OutOfSync", "revision": sha}}
+    assert "OutOfSync" in (app_state(differs).missing_for(sha) or "")
+    own = {**same, "operationState": {**earlier, "phase": "Running", "operation": {"sync": {"revision": sha}}}}
+    assert app_state(own).missing_for(sha) is not None, "its own sync is still running"
+
+
 def test_a_sync_argo_cd_reports_failed_reverts_the_promotion_with_argos_message(stage: Stage) -> None:
     """Argo CD tries the commit and the sync operation ends Failed (as it writes it); the pipeline reverts at once."""
     import git

@@ -59,8 +59,13 @@ class AppState:
     def _applied(self, sha: str) -> str | None:
         if self.sync_status != "Synced" or self.sync_revision != sha:
             return f"sync is {self.sync_status} at {(self.sync_revision or 'no revision')[:12]}"
-        if self.operation_phase != "Succeeded" or self.operation_revision != sha:
+        own = sha in (self.operation_revision, self.operation_sync_revision)
+        if own and (self.operation_phase != "Succeeded" or self.operation_revision != sha):
             return f"the sync operation is {self.operation_phase} at {(self.operation_revision or 'none')[:12]}"
+        if not own and (self.operation_phase in ("Running", "Terminating") or self.refresh_pending):
+            return f"the sync operation is {self.operation_phase} at {(self.operation_revision or 'none')[:12]}"
+        # Synced at sha with no operation of its own: sha renders what already runs (a revert back to the live
+        # manifests, a change outside the chart), and Argo CD's auto-sync skips an application that is Synced.
         return None
 
     def _fresh(self) -> bool:
