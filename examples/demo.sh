@@ -67,15 +67,60 @@ step "5. What Git says now"
 modelctl history --env local -c "$config"
 modelctl status -c "$config"
 
+step "6. The sandbox: a SIMULATED cluster (API server, Argo CD, Argo Rollouts) around real pods, Services and Prometheus"
+sb="$out/sandbox"
+modelctl sandbox down --dir "$sb" >/dev/null 2>&1 || true  # one left over from an interrupted demo
+rm -rf "$sb" "$out/v1" "$out/v3"                            # every run starts from an empty cluster and GitOps repo
+modelctl sandbox up --dir "$sb" --traffic 2                 # 2 user requests/s through the users' Service
+trap 'modelctl sandbox down --dir "$sb" >/dev/null 2>&1 || true' EXIT
+export KUBECONFIG="$sb/kubeconfig"                          # the pipeline's ServiceAccount, as on a real cluster
+sbc="$sb/promotion.yaml"
+sandbox_started=$(date +%s)
+
+step "7. v1 to staging: every step a Job (pods as processes), Argo CD syncs the real chart, the first version comes up"
+modelctl tinymodel damage "$out/tiny" "$out/v1" --strength 1.5 >/dev/null   # a weaker first version
+modelctl promote "$out/v1" --env staging -c "$sbc"
+
+step "8. v2, a better candidate: its canary takes half the users' traffic, judged against stable on Prometheus, promoted"
+modelctl promote "$out/tiny" --env staging -c "$sbc"
+
+step "9. v3: as good as v2 on the eval gate, but deeper: its canary breaches the TTFT tolerance, aborted and reverted"
+modelctl tinymodel deepen "$out/tiny" "$out/v3" >/dev/null
+set +e
+modelctl promote "$out/v3" --env staging -c "$sbc" --json > "$out/v3.json"
+code=$?
+set -e
+python3 - "$out/v3.json" "$code" <<'PY'
+import json, sys
+text, code = open(sys.argv[1]).read(), int(sys.argv[2])
+result = json.loads(text) if text.strip().startswith("{") else {}
+record = result.get("record") or {}
+rollout = record.get("rollout") or {}
+if code == 0 or record.get("decision") != "reverted":
+    sys.exit(f"v3 was not reverted by its canary (exit {code}): {text[-400:]}")
+if "vs stable" not in (rollout.get("reason") or ""):
+    sys.exit(f"v3 was reverted for another reason than its TTFT against stable: {rollout.get('reason')}")
+print(f"reverted, as it should be (exit {code}): {rollout['reason']}"[:400])
+PY
+modelctl timeline --record "$out/v3.json"
+
+step "10. Git and the cluster agree: v2 runs, Healthy, as Git says"
+modelctl sandbox check --dir "$sb"
+modelctl history --env staging -c "$sbc"
+modelctl sandbox down --dir "$sb"
+trap - EXIT
+
 cat <<MSG
 
-What ran ($(( $(date +%s) - started )) s): a real promotion through the Prefect flow. The small model was
-quantized (AWQ, 4-bit), preloaded and verified in the cache, passed lm-eval's smoke suite, a load test and a
-capacity sweep (goodput per replica, replicas and cost at peak) against a real local server, and was committed to
-the GitOps repo with its record. A damaged copy was refused by the eval gate, and nothing was committed for it.
+What ran ($(( $(date +%s) - started )) s; the sandbox part $(( $(date +%s) - sandbox_started )) s): a real promotion through the
+Prefect flow. The small model was quantized (AWQ, 4-bit), preloaded and verified in the cache, passed lm-eval's smoke
+suite, a load test and a capacity sweep (goodput per replica, replicas and cost at peak) against a real local server,
+and was committed to the GitOps repo with its record. A damaged copy was refused by the eval gate.
 
-Not run here: the Argo CD sync and the Argo Rollouts canary (with revert on failure) need a Kubernetes cluster
-with Argo CD and Argo Rollouts. Point examples/cluster/promotion.yaml at yours and run
+Then the same pipeline on the sandbox, a SIMULATED cluster: its API server and the Argo CD and Argo Rollouts
+controllers are simulated; the chart (rendered by Helm), the pods (vLLM and the pipeline's Jobs, as processes),
+the Services, the users' traffic and Prometheus are real. v1 came up as the first version; v2's canary was judged on
+vLLM's TTFT from Prometheus against stable and promoted; v3's canary was slower than the tolerance, aborted, its
+commit reverted, and the Rollout went back to v2. On a real cluster, point examples/cluster/promotion.yaml at yours:
   modelctl promote org/name@<revision> --env staging -c examples/cluster/promotion.yaml
-The tests run that stage against a fake Kubernetes API with Argo simulators (tests/cluster/).
 MSG

@@ -80,13 +80,17 @@ class SandboxSettings:
     runtime: Runtime = field(default_factory=lambda: Runtime(env=dict(OFFLINE)))
 
 
-def user_prompts() -> list[str]:
-    """What the sandbox's users ask: the small model's own questions, a few facts of context before each (about
-    100 tokens: prefill is most of a token's first wait, so a slower model shows in TTFT)."""
+def user_prompts(count: int = 2000, seed: int = 7) -> list[str]:
+    """What the sandbox's users ask: eight of the small model's questions (about 100 tokens: prefill is most of a
+    request's first wait, so a slower model shows in TTFT), each prompt opening with its own number, as real users'
+    prompts differ, so vLLM's prefix cache does not turn the prefill into a lookup."""
+    import random
+
     from pipeline.tinymodel import eval_items
 
     items = [str(item["prompt"]) for item in eval_items()]
-    return [" ".join(items[i : i + 8]) for i in range(0, len(items) - 7, 8)]
+    rng = random.Random(seed)
+    return [f"Request {n}: " + " ".join(rng.sample(items, 8)) for n in range(count)]
 
 
 def free_port() -> int:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import base64
 import json
 import os
-import shutil
 import sys
 import time
 import urllib.request
@@ -450,43 +449,6 @@ def test_a_failing_job_is_retried_until_its_backoff_limit_then_failed(cluster: F
         )
     finally:
         kubelet.close()
-
-
-VLLM_PYTHON = ROOT / ".venv-vllm" / "bin" / "python"
-TINY = ROOT / "demo-output" / "tiny"
-
-
-@pytest.mark.slow
-def test_a_vllm_pod_serves_from_its_pvc_and_is_gone_when_deleted(server: FakeApiServer, kubelet: Kubelet) -> None:
-    if not VLLM_PYTHON.exists() or not (TINY / "config.json").exists():
-        pytest.skip("needs .venv-vllm (`make vllm`) and demo-output/tiny (`make demo` builds it)")
-    shutil.copytree(TINY, kubelet.volume_dir(NS, "model-cache") / "tiny")
-    container = {
-        "name": "vllm",
-        "image": "vllm/vllm-openai:v0.32.0",
-        "command": ["vllm", "serve"],
-        "args": ["/models/tiny", "--served-model-name=llm", "--max-model-len=256", "--port=8000", "--enforce-eager"],
-        "ports": [{"name": "http", "containerPort": 8000}],
-        "readinessProbe": {"httpGet": {"path": "/health", "port": "http"}, "periodSeconds": 2},
-        "volumeMounts": [{"name": "cache", "mountPath": "/models", "readOnly": True}],
-    }
-    volumes = [{"name": "cache", "persistentVolumeClaim": {"claimName": "model-cache"}}]
-    server.store.create(POD, NS, pod("vllm", [container], volumes=volumes))
-    ready = until(kubelet, lambda: ready_pod(server, "vllm"), timeout_s=300)
-    port = host_port(ready, "http")
-    body = json.dumps({"model": "llm", "prompt": "hello", "max_tokens": 4}).encode()
-    request = urllib.request.Request(
-        f"http://127.0.0.1:{port}/v1/completions", body, {"Content-Type": "application/json"}
-    )
-    with urllib.request.urlopen(request, timeout=60) as answer:
-        assert json.loads(answer.read())["choices"][0]["text"] is not None
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as answer:
-        assert "vllm:" in answer.read().decode()
-    assert "/models/tiny" in (kubelet.read_log(NS, "vllm", None) or ""), "the log names the mount path"
-    [pid] = kubelet.pids()
-    server.store.delete(POD, NS, "vllm")
-    until(kubelet, lambda: not processes.group_alive(pid), timeout_s=30)
-    assert os.path.exists(kubelet.volume_dir(NS, "model-cache") / "tiny")
 
 
 def test_each_vllm_container_gets_its_own_core_while_others_share_none(server: FakeApiServer, tmp_path: Path) -> None:
