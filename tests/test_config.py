@@ -115,7 +115,7 @@ def test_negative_threshold(tmp_path: Path) -> None:
 def test_unknown_quantization_method(tmp_path: Path) -> None:
     text = MINIMAL.replace("environments:", "model:\n  quantization:\n    method: awk\nenvironments:")
     [problem] = problems_of(write(tmp_path, text))
-    assert ":6: model.quantization.method: Input should be 'awq' or 'gptq' (got 'awk')" in problem
+    assert ":6: model.quantization.method: Input should be 'awq', 'gptq' or 'none' (got 'awk')" in problem
 
 
 def test_backend_that_cannot_do_the_method(tmp_path: Path) -> None:

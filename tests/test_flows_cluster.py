@@ -19,7 +19,7 @@ import yaml
 from pipeline.cache import preload
 from pipeline.errors import TerminalError
 from pipeline.evaluate import LocalWeights, evaluate, load_suite
-from pipeline.gitops import GitOps, init_repo
+from pipeline.gitops import GitOps, Promotion, init_repo
 from pipeline.quantize import Artifact
 from pipeline.steps import StepResult, StoredArtifact, manifest_digest
 from pipeline.verify import VerifyResult
@@ -132,12 +132,31 @@ def test_staging_then_prod_walk_to_healthy(prefect_harness: None, tiny_model: Pa
     assert len(cluster.server.sent("create", "/namespaces/llm-prod/jobs")) == 7
 
 
+def live_before(world: dict) -> None:
+    """An earlier promotion to staging, live: committed, synced by Argo CD and promoted in full (a first version)."""
+    cluster: FakeCluster = world["cluster"]
+    earlier = Promotion(
+        env="staging", model="org/earlier", revision="c" * 40, artifact="awq-w4a16-earlier", format="awq-w4a16",
+        quantization="compressed-tensors",
+    )  # fmt: skip
+    GitOps.open(str(world["remote"]), world["tmp"] / "earlier").promote(earlier, "envs/staging/values.yaml")
+    refresh = {"argocd.argoproj.io/refresh": "normal"}
+    cluster.update("Application", "argocd", "llm-inference-staging",
+                   lambda app: app["metadata"].setdefault("annotations", {}).update(refresh))  # fmt: skip
+    cluster.tick(2)
+    cluster.update("Rollout", "llm-staging", "llm-inference", lambda r: r["status"].update(promoteFull=True))
+    cluster.tick(2)
+    status = cluster.rollout("llm-staging", "llm-inference")["status"]
+    assert status["stableRS"] == status["currentPodHash"] and status["phase"] == "Healthy", status
+
+
 @pytest.mark.slow
 @pytest.mark.prefect
 def test_a_canary_that_breaches_its_slo_is_reverted(prefect_harness: None, tiny_model: Path, world: dict) -> None:
     from flows.promote import promote
 
     cluster: FakeCluster = world["cluster"]
+    live_before(world)  # a version runs already: this one is walked through its canary, not promoted in full
     before = cluster.rollout("llm-staging", "llm-inference")["spec"]["template"]
     with running(Behaviour(ttft_delay=0.5)) as slow_canary:
         config = config_for(world, slow_canary.url, duration_s=3.0, concurrency=10)  # >= 20 requests for a p95

@@ -203,7 +203,8 @@ def test_a_canary_whose_vllm_exits_goes_degraded_and_is_reverted(
     outcome = walk(box, cfg, repo, sha, sha)
     assert outcome.final == "reverted", outcome.reason
     assert "Degraded" in outcome.reason and "progress" in outcome.reason.lower(), outcome.reason
-    logs = [p.read_text(errors="replace") for p in (box.workdir / "pods").glob(f"{ENV.namespace}_{RELEASE}-*")]
+    pod_logs = (box.workdir / "pods").glob(f"{ENV.namespace}_{RELEASE}-*.log")
+    logs = [p.read_text(errors="replace") for p in pod_logs if p.is_file()]
     assert any("NoSuchModelForCausalLM" in text for text in logs), "the canary's vLLM itself refused and exited"
     assert not [p for p in release_pods(box) if "unquantized-broken" in json.dumps(p["spec"])], "its pods are gone"
     state = agree(box)

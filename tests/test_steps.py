@@ -103,8 +103,10 @@ def test_the_quantize_job_builds_every_configured_field(tiny_model: Path, tmp_pa
         "symmetric": False,
         "ignore": ["lm_head", "model.layers.1.mlp.down_proj"],
         "calibration": {"dataset": str(calibration), "samples": 16, "max_seq_len": 48},
+        "dtype": None,  # a cast applies to unquantized (method none) artifacts only
     }
     assert built["policy"] == {"allow_pickle": True, "trust_remote_code": True, "token_env": "ORG_HF_TOKEN"}
     defaults = Recipe(method="awq").model_dump(mode="json")
-    assert all(built["recipe"][k] != v for k, v in defaults.items() if k != "bits"), "every field away from default"
+    away = [k for k in defaults if k not in ("bits", "dtype")]  # bits: 4 only; dtype: method none only
+    assert all(built["recipe"][k] != defaults[k] for k in away), "every field away from default"
     assert all(built["policy"][k] != v for k, v in SourcePolicy().model_dump().items())
