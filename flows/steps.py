@@ -8,7 +8,9 @@ entry, an evaluation). Prefect's default cache policy includes the run id, so th
 
 from __future__ import annotations
 
+import functools
 import hashlib
+import json
 from collections.abc import Callable
 from contextlib import AbstractContextManager
 from pathlib import Path
@@ -48,10 +50,23 @@ RETRIES: dict[str, Any] = {"retries": 3, "retry_delay_seconds": [2, 10, 30], "re
 TIMEOUT_S = {"resolve": 300, "publish": 3600, "verify": 1800, "loadtest": 3600, "capacity": 3600}
 
 
+@functools.cache
+def result_schema(step: str) -> str:
+    """A short hash of the shape of ``step``'s result: Prefect keeps cached results as pickles, and a pickle of an
+    older shape (a field added since) must not come back as the result of a newer modelctl."""
+    from pipeline.steps import OUTPUTS
+
+    shape = json.dumps(OUTPUTS[step].model_json_schema(), sort_keys=True) if step in OUTPUTS else step
+    return hashlib.sha256(shape.encode()).hexdigest()[:8]
+
+
 def step_key(context: TaskRunContext, parameters: dict[str, Any]) -> str | None:
     """The identity of a step's result, or None (no caching) for steps that must run every time."""
-    request: AnyRequest = parameters["request"]
-    where = parameters["env_name"]
+    key = _step_key(parameters["request"], parameters["env_name"])
+    return None if key is None else f"{key}-{result_schema(parameters['request'].step)}"
+
+
+def _step_key(request: AnyRequest, where: str) -> str | None:
     if isinstance(request, QuantizeRequest):  # only while the artifact is on disk: a deleted one is rebuilt
         ident = request.artifact_id()
         return f"quantize-{where}-{ident}-{'present' if request.built() else 'absent'}"

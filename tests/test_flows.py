@@ -283,3 +283,22 @@ def test_modelctl_promote_needs_a_model_or_resume(site: Path) -> None:
     result = CliRunner().invoke(app, ["promote", "--env", "local", "-c", str(site / "promotion.yaml")])
     assert result.exit_code == 2 and "name the model to promote" in result.output
     assert history(site) == []
+
+
+def test_a_cached_step_result_is_keyed_by_the_shape_of_its_result(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Prefect keeps cached step results as pickles: once a result type gains a field, the old pickle must not be
+    found again (it would come back without the field and fail far from here)."""
+    from pydantic import create_model
+
+    from flows import steps
+    from pipeline.steps import OUTPUTS
+
+    before = steps.result_schema("quantize")
+    assert before == steps.result_schema("quantize") and before != steps.result_schema("preload")
+    grown = create_model("GrownArtifact", __base__=OUTPUTS["quantize"], added=(int, 0))
+    monkeypatch.setitem(OUTPUTS, "quantize", grown)
+    steps.result_schema.cache_clear()
+    try:
+        assert steps.result_schema("quantize") != before
+    finally:
+        steps.result_schema.cache_clear()
