@@ -71,7 +71,7 @@ step "6. The sandbox: a SIMULATED cluster (API server, Argo CD, Argo Rollouts) a
 sb="$out/sandbox"
 modelctl sandbox down --dir "$sb" >/dev/null 2>&1 || true  # one left over from an interrupted demo
 rm -rf "$sb" "$out/v1" "$out/v3"                            # every run starts from an empty cluster and GitOps repo
-modelctl sandbox up --dir "$sb" --traffic 2                 # 2 user requests/s through the users' Service
+modelctl sandbox up --dir "$sb" --traffic 3                 # 3 user requests/s through the users' Service
 trap 'modelctl sandbox down --dir "$sb" >/dev/null 2>&1 || true' EXIT
 export KUBECONFIG="$sb/kubeconfig"                          # the pipeline's ServiceAccount, as on a real cluster
 sbc="$sb/promotion.yaml"
