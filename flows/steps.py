@@ -68,6 +68,8 @@ def step_key(context: TaskRunContext, parameters: dict[str, Any]) -> str | None:
 
 def _step_key(request: AnyRequest, where: str) -> str | None:
     if isinstance(request, QuantizeRequest):  # only while the artifact is on disk: a deleted one is rebuilt
+        if not Path(request.out_root).is_dir():
+            return None  # on a cluster the artifact is on the volume, not here: the Job's own skip decides
         ident = request.artifact_id()
         return f"quantize-{where}-{ident}-{'present' if request.built() else 'absent'}"
     if isinstance(request, PreloadRequest):  # only while the cache entry is complete

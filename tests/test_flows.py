@@ -302,3 +302,18 @@ def test_a_cached_step_result_is_keyed_by_the_shape_of_its_result(monkeypatch: p
         assert steps.result_schema("quantize") != before
     finally:
         steps.result_schema.cache_clear()
+
+
+def test_a_quantize_step_on_a_cluster_volume_is_never_a_prefect_cache_hit(tmp_path: Path) -> None:
+    """Its artifact lives on the cluster's volume, which this process cannot see: a cached result would outlive the
+    volume (a new cluster, a deleted artifact) and skip the build. The Job's own skip decides; here it is cached
+    only while the artifact is on local disk."""
+    from flows import steps
+    from tests.test_jobs import QUANTIZE
+
+    assert steps.step_key(None, {"request": QUANTIZE, "env_name": "staging"}) is None  # type: ignore[arg-type]
+    from pipeline.quantize import Recipe
+
+    local = QUANTIZE.model_copy(update={"out_root": str(tmp_path), "recipe": Recipe(method="none")})
+    key = steps.step_key(None, {"request": local, "env_name": "local"})  # type: ignore[arg-type]
+    assert key is not None and "absent" in key
