@@ -85,7 +85,7 @@ step "8. v2, a better candidate: its canary takes half the users' traffic, judge
 modelctl promote "$out/tiny" --env staging -c "$sbc"
 
 step "9. v3: as good as v2 on the eval gate, but deeper: its canary breaches the TTFT tolerance, aborted and reverted"
-modelctl tinymodel deepen "$out/tiny" "$out/v3" >/dev/null
+modelctl tinymodel deepen "$out/tiny" "$out/v3" --layers 12 --intermediate 1024 >/dev/null
 set +e
 modelctl promote "$out/v3" --env staging -c "$sbc" --json > "$out/v3.json"
 code=$?
