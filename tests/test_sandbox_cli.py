@@ -171,8 +171,11 @@ def test_status_lists_applications_rollouts_and_pods_through_the_kubeconfig(sand
         assert view["applications"][0]["health"] == "Healthy" and view["pods"] == []
 
         # The pipeline's own identity (gitops/rbac) may only get its Application and Rollout by name in the
-        # namespaces it promotes to: status still shows them.
+        # namespaces it promotes to: status still shows them. Its 403 probes (a cluster-wide list first) are the
+        # status tool's, not the pipeline's: they stay out of the session's record that conftest fails the run on.
         from sandbox.cli_view import cluster_view
+
+        cluster.server.session_record = False
 
         cluster.create_rollout("llm-staging", rollout_manifest("llm-inference", [{"setWeight": 50}, {"pause": {}}]))
         pipeline = cluster.write_kubeconfig(tmp_path / "pipeline-kubeconfig")
