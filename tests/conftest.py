@@ -31,6 +31,14 @@ os.environ["TRANSFORMERS_OFFLINE"] = "1"
 
 ROOT = Path(__file__).resolve().parent.parent
 
+# The pipeline's own cache (leases, GitOps clones, eval and verify results) is the session's, so a test run beside
+# `make demo` neither holds the demo's environment lease nor reuses its results. Only the small model's build cache
+# is the machine's (content-addressed by its builder version): the first build on a machine trains, later ones hit.
+_USER_CACHE = Path(os.environ.get("MODELCTL_CACHE") or Path.home() / ".cache" / "modelctl")
+os.environ["MODELCTL_CACHE"] = tempfile.mkdtemp(prefix="modelctl-cache-")
+(_USER_CACHE / "tinymodel").mkdir(parents=True, exist_ok=True)
+(Path(os.environ["MODELCTL_CACHE"]) / "tinymodel").symlink_to(_USER_CACHE / "tinymodel", target_is_directory=True)
+
 
 @pytest.fixture(scope="session")
 def tiny_model() -> Path:
