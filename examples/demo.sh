@@ -102,7 +102,7 @@ if "vs stable" not in (rollout.get("reason") or ""):
     sys.exit(f"v3 was reverted for another reason than its TTFT against stable: {rollout.get('reason')}")
 print(f"reverted, as it should be (exit {code}): {rollout['reason']}"[:400])
 PY
-modelctl timeline --record "$out/v3.json"
+modelctl timeline --env staging -c "$sbc"                     # read back from Git: the revert's record keeps it
 
 step "10. Git and the cluster agree: v2 runs, Healthy, as Git says"
 modelctl sandbox check --dir "$sb"

@@ -170,7 +170,7 @@ def deploy(
         action = Abort(f"{exc.what}")
     if isinstance(action, Done):
         return RolloutOutcome(final="done", reason=action.reason, steps=events)
-    result = revert(kube, gitops, env_name, env, promotion_id, action.reason)
+    result = revert(kube, gitops, env_name, env, promotion_id, action.reason, steps=events)
     events.append(
         StepEvent(at="revert", action="revert", reason=f"reverted: {action.reason}", seconds=kube.clock() - started)
     )
@@ -185,8 +185,10 @@ def revert(
     promotion_id: str,
     reason: str,
     clock: Clock = time.perf_counter,
+    steps: list[StepEvent] | None = None,
 ) -> RevertResult:
-    """Abort first (traffic to stable now), then revert in Git, push, refresh, and wait for Healthy.
+    """Abort first (traffic to stable now), then revert in Git, push, refresh, and wait for Healthy. ``steps``
+    (the canary's timeline so far) go into the revert's record in Git.
 
     Raises:
         TerminalError: a stage failed; the Rollout is left aborted and the message says what to do.
@@ -200,7 +202,8 @@ def revert(
         kube.abort(env.rollout)
     timings["aborted_s"] = round(clock() - t0, 4)
     try:
-        commit = gitops.revert(promotion_id, reason=reason, env=env_name, values_file=env.values_file)
+        outcome = RolloutOutcome(final="reverted", reason=reason, steps=steps) if steps else None
+        commit = gitops.revert(promotion_id, reason=reason, env=env_name, values_file=env.values_file, rollout=outcome)
     except PipelineError as exc:
         raise TerminalError(
             f"the Rollout {env.rollout.namespace}/{env.rollout.name} is aborted (traffic is on the stable version), "

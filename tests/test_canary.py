@@ -324,6 +324,43 @@ def test_a_failed_check_keeps_the_figures_that_failed_it(stage: Stage) -> None:
     assert abort.weight == 10 and "900 ms vs stable 100 ms" in abort.reason
 
 
+def test_a_reverted_canarys_timeline_is_kept_in_git_and_the_timeline_command_reads_it(
+    stage: Stage, tmp_path: Path
+) -> None:
+    """The promotion's own record is committed before its canary; the revert's record keeps the canary's steps
+    (weight, figures, verdict), so Git says why a version was reverted."""
+    import json
+
+    from typer.testing import CliRunner
+
+    from pipeline.cli import app
+
+    promotion, commit = stage.promote("awq-w4a16-g128-0000000000000015")
+    with stage.cluster.running():
+        outcome = deploy(
+            stage.kube, stage.gitops, "staging", ENV, commit, promotion.id, lambda _: metrics_like(0.9, 0.1)
+        )
+    assert outcome.final == "reverted"
+    revert_entry = stage.gitops.history("staging")[0]
+    assert revert_entry.reverts == promotion.id
+    kept = stage.gitops.record("staging", revert_entry.promotion_id).rollout
+    assert kept is not None and kept.final == "reverted" and "900 ms vs stable 100 ms" in kept.reason
+    failed = next(e for e in kept.steps if e.action == "check")
+    assert failed.verdict == "fail" and (failed.figures or {})["canary ttft_p95 vs stable"] == 900
+
+    config = tmp_path / "promotion.yaml"
+    text = (ROOT / "examples" / "cluster" / "promotion.yaml").read_text()
+    config.write_text(text.replace("https://github.com/example-org/llm-gitops.git", str(stage.remote)))
+    args = ["timeline", "--env", "staging", "-c", str(config), "--workdir", str(tmp_path / "w")]
+    shown = CliRunner().invoke(app, args, terminal_width=160)
+    assert shown.exit_code == 0, shown.output
+    assert f"canary of promotion {promotion.id}: reverted" in shown.output
+    assert "900 ms" in shown.output and "100 ms" in shown.output and "fail" in shown.output
+    as_json = json.loads(CliRunner().invoke(app, [*args, "--json"]).output)
+    assert as_json["promotion_id"] == promotion.id and as_json["final"] == "reverted"
+    assert any(row["decision"] == "fail" and row["canary_ttft_p95_ms"] == 900 for row in as_json["steps"])
+
+
 def test_records_written_before_the_timeline_fields_still_load() -> None:
     from pipeline.record import PromotionRecord
 

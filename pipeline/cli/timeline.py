@@ -3,8 +3,8 @@
 The timeline is the :class:`~pipeline.record.RolloutOutcome` a promotion record keeps: one row per thing the canary
 driver did (synced, each check, promote, abort, done, revert) with the canary weight in force, the metrics check's
 canary and stable TTFT p95 (from Prometheus) and the verdict. It is read from the GitOps repo (the newest promotion
-of the environment, or ``--id``), or from a record file (``--record``: a record, or ``modelctl promote --json``'s
-output).
+of the environment, or ``--id``; a reverted canary's timeline is kept in its revert's record), or from a record file
+(``--record``: a record, or ``modelctl promote --json``'s output).
 """
 
 from __future__ import annotations
@@ -104,6 +104,7 @@ def _outcome_of(data: Any, where: str) -> tuple[str | None, RolloutOutcome | Non
 
 def _from_git(config: Path, env: str, promotion_id: str | None, workdir: Path | None) -> PromotionRecord:
     """The record of ``promotion_id``, or of the newest promotion of ``env`` (a revert names the one it undid).
+    A reverted canary's timeline is in its revert's record (the promotion's own record precedes its canary).
 
     Raises:
         TerminalError: no promotion in ``env`` yet, or no such record.
@@ -120,7 +121,12 @@ def _from_git(config: Path, env: str, promotion_id: str | None, workdir: Path | 
         if entry is None:
             raise TerminalError(f"no promotion to {env} yet in {repo.remote}", hint="promote one first")
         promotion_id = entry.promotion_id
-    return repo.record(env, promotion_id)
+    stored = repo.record(env, promotion_id)
+    if stored.rollout is None:
+        undone = next((e for e in repo.history(env) if e.action == "revert" and e.reverts == promotion_id), None)
+        kept = repo.record(env, undone.promotion_id).rollout if undone is not None else None
+        stored = stored.model_copy(update={"rollout": kept}) if kept is not None else stored
+    return stored
 
 
 def timeline(
@@ -154,8 +160,8 @@ def timeline(
             raise TerminalError(
                 f"{where} has no canary timeline (no rollout outcome: a local promotion, or the record was written "
                 "before its canary ran)",
-                hint="records committed with the promotion precede its canary; pass the finished record with "
-                "--record FILE (the `record` of `modelctl promote --json`)",
+                hint="records committed with the promotion precede its canary (a revert's record keeps the reverted "
+                "canary's); pass the finished record with --record FILE (the `record` of `modelctl promote --json`)",
             )
     if as_json:
         emit_json({

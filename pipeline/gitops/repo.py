@@ -38,7 +38,7 @@ from pipeline.gitops.commits import (
 )
 from pipeline.gitops.remote import auth_env, classify, secrets_of
 from pipeline.gitops.values import check_values, edit_values, flatten, get_key
-from pipeline.record import PromotionRecord, new_promotion_id
+from pipeline.record import PromotionRecord, RolloutOutcome, new_promotion_id
 from pipeline.secrets import has_credentials, redact
 
 log = logging.getLogger(__name__)
@@ -347,18 +347,27 @@ class GitOps:
 
     @_locked
     def revert(
-        self, ref: str, reason: str = "", flow_run: str = "", *, env: str = "", values_file: str = ""
+        self,
+        ref: str,
+        reason: str = "",
+        flow_run: str = "",
+        *,
+        env: str = "",
+        values_file: str = "",
+        rollout: RolloutOutcome | None = None,
     ) -> CommitResult:
         """Undo a promotion (by promotion id or commit) with a new commit carrying its own trailers.
 
         With ``env``, a commit the pipeline did not make (a person's: no trailers, or trailers without the record
         the pipeline writes beside them) is reverted too, by sha; the revert's subject names it and its author.
+        ``rollout`` (the canary's timeline up to the failure) goes into the revert's record, so Git keeps the
+        figures that decided it.
 
         Raises:
             TerminalError: no such promotion, or later commits changed the same lines (revert those first).
         """
         self.sync()
-        prepared = self._prepare_revert(ref, reason, flow_run, new_promotion_id(), env, values_file)
+        prepared = self._prepare_revert(ref, reason, flow_run, new_promotion_id(), env, values_file, rollout)
         return prepared if isinstance(prepared, CommitResult) else self.publish(prepared)
 
     def _foreign(self, ref: str, env: str) -> HistoryEntry | None:
@@ -375,7 +384,14 @@ class GitOps:
         return HistoryEntry(full, author, int(stamp), subject, promotion_id=full, env=env, action="promote")
 
     def _prepare_revert(
-        self, ref: str, reason: str, flow_run: str, revert_id: str, env: str = "", values_file: str = ""
+        self,
+        ref: str,
+        reason: str,
+        flow_run: str,
+        revert_id: str,
+        env: str = "",
+        values_file: str = "",
+        rollout: RolloutOutcome | None = None,
     ) -> Pending | CommitResult:
         target = self._find(ref) or self._entry(ref)
         foreign = False
@@ -424,7 +440,7 @@ class GitOps:
         }  # fmt: skip
         record = PromotionRecord(
             id=revert_id, env=target.env, decision="reverted", reason=self._scrub(one_line(reason)),
-            reverts=target.promotion_id, commit=target.commit, flow_run=flow_run or None,
+            reverts=target.promotion_id, commit=target.commit, flow_run=flow_run or None, rollout=rollout,
         )  # fmt: skip
         current = self._read(values_file)
         files_out = {values_file: current, f"{RECORDS}/{target.env}/{revert_id}.json": record.to_json()}
@@ -433,7 +449,7 @@ class GitOps:
         commit = self._commit(files_out, subject, trailers, base)
         return Pending(
             target.env, revert_id, values_file, keys, base, commit, subject,
-            redo=lambda: self._prepare_revert(target.commit, reason, flow_run, revert_id, env, values_file),
+            redo=lambda: self._prepare_revert(target.commit, reason, flow_run, revert_id, env, values_file, rollout),
         )  # fmt: skip
 
     def _log(self, *args: str, rev: str = "") -> list[HistoryEntry]:
