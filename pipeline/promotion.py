@@ -5,8 +5,8 @@
 
 Configuration is read once by the caller and passed typed: nothing here reads promotion.yaml, so editing it
 while a promotion runs changes nothing in that run. Everything before the commit only produces evidence;
-nothing reaches Git unless every gate passed. The decisions live here: the gates judged by their kind, the
-rejection, the serving format, where each step runs (:func:`pipeline.jobs.execute`), the `requires` check on
+nothing reaches Git unless every gate passed. The decisions live here: the rejection (the gates are measured and
+judged by their kind in :mod:`pipeline.gating`), the serving format, where each step runs (:func:`pipeline.jobs.execute`), the `requires` check on
 manifest digests, and the revert of a canary that failed.
 
 An orchestrator wraps the effects through :class:`Hooks`: each step (a request and the function that runs it),
@@ -24,35 +24,23 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
-from pipeline.cache import MARKER as CACHE_MARKER
 from pipeline.config import Environment, PromotionConfig
 from pipeline.errors import TerminalError
-from pipeline.evaluate.gate import eval_gate
-from pipeline.evaluate.report import baseline_from_record
-from pipeline.evaluate.suite import load_suite
-from pipeline.gates import GateResult
+from pipeline.gating import judge, replica_scale, serving_values, verify
 from pipeline.gitops import CommitResult, GitOps, Promotion
 from pipeline.gitops.commits import live_promotions
 from pipeline.jobs import execute
-from pipeline.loadtest import gate as load_gate
-from pipeline.loadtest.capacity import capacity_gate
-from pipeline.loadtest.capacity_plan import capacity_plan, replica_changes
 from pipeline.quantize import Artifact, Backend, Method, Recipe
 from pipeline.record import ArtifactSummary, PromotionRecord, RolloutOutcome, new_promotion_id
 from pipeline.source import ModelSource
 from pipeline.steps import (
     AnyRequest,
-    CapacityRequest,
-    EvaluateRequest,
-    LoadTestRequest,
     PreloadRequest,
     PublishRequest,
     QuantizeRequest,
     ResolveRequest,
     StepResult,
     StoredArtifact,
-    VerifyRequest,
-    VerifyResult,
     source_policy,
 )
 
@@ -196,123 +184,6 @@ def check_requires(gitops: GitOps, env_name: str, env: Environment, stored: Stor
                 f"this build is {stored.manifest_digest}",
                 hint=f"preload the artifact {needed} published instead of a rebuilt or changed copy",
             )
-
-
-def serving_values(run: Run) -> dict[str, Any] | None:
-    """The chart values vLLM is started with for the environment: on a cluster, its values file on the GitOps
-    branch (the sidecar of the verify/evaluate Jobs); locally None (the local environment's values)."""
-    if run.env.executor != "kubernetes":
-        return None
-    from pipeline.gitops.guarded import values_at
-
-    return values_at(run.gitops, f"refs/remotes/origin/{run.gitops.branch}", run.env.values_file)
-
-
-def verify(run: Run, model_dir: str, artifact_id: str) -> VerifyResult:
-    """Prove the artifact loads and answers in the engine that serves the gates (vLLM; where this machine's vLLM
-    cannot serve its format, transformers, and the record says why). A refusal rejects it: nothing is committed.
-
-    Raises:
-        TerminalError: the engine refused the artifact (its own reason), or the step failed.
-    """
-    result: VerifyResult = run.step(VerifyRequest(artifact_dir=model_dir, values=serving_values(run)))
-    served_by = result.served_by.removesuffix(" (in-process)")
-    update = {"verify": result, "served_by": served_by, "serving_fallback": result.fallback}
-    run.record = run.record.model_copy(update=update)
-    if not result.passed:
-        reason = f"{result.served_by} cannot load the artifact: {result.reason}"
-        update = {"decision": "rejected", "reason": reason, "timings": run.timings}
-        run.record = run.record.model_copy(update=update)
-        run.hooks.report(run.record, run.env)
-        raise TerminalError(
-            f"{artifact_id} was rejected for {run.env_name}, nothing was committed: {reason}",
-            hint="rebuild the artifact (another recipe or backend), or fix the chart's vLLM args",
-        )
-    return result
-
-
-def keep_report(run: Run, kind: str, report: Any) -> None:
-    """Keep a gate's report in the artifact store by the bytes' manifest digest (what the guard and
-    `modelctl gitops verify` read); nothing without a store."""
-    digest = run.record.artifact.manifest_digest if run.record.artifact else None
-    if run.cfg.artifacts is None or digest is None:
-        return
-    from pipeline.store import store_from_settings
-
-    store_from_settings(run.cfg.artifacts).put_report(digest, kind, report)
-
-
-def judge(run: Run, model_dir: str) -> list[GateResult]:
-    """Measure the candidate and judge it: the eval gate against Git's baseline, then (here) the latency SLO."""
-    env, gates = run.env, []
-    if env.gates.eval is not None:
-        gate = env.gates.eval
-        engine = "vllm" if run.record.verify is not None and run.record.verify.engine == "vllm" else None
-        values = serving_values(run)
-        asked = EvaluateRequest(model_dir=model_dir, suite=gate.suite, policy=gate.policy, engine=engine, values=values)
-        report = run.step(asked)
-        keep_report(run, "eval", report)
-        baseline = baseline_from_record(run.gitops.baseline(run.env_name))
-        result = eval_gate(report, baseline, load_suite(gate.suite), gate.policy)
-        run.record = run.record.model_copy(update={"eval_report": report, "eval_gate": result})
-        gates.append(result)
-    if env.gates.load is not None and env.executor == "local" and all(g.passed for g in gates):
-        served = run.record.verify.engine if run.record.verify is not None else None
-        request = LoadTestRequest(
-            model_dir=model_dir,
-            gate=env.gates.load,
-            served_name=run.cfg.model.served_name,
-            engine="vllm" if served == "vllm" else "transformers" if served else None,
-            values=serving_values(run),
-        )
-        report = run.step(request)
-        keep_report(run, "load", report)
-        result = load_gate(report, env.gates.load.slo)
-        run.record = run.record.model_copy(update={"load_report": report, "load_gate": result})
-        gates.append(result)
-    if (
-        env.gates.capacity is not None
-        and env.gates.load is not None
-        and env.executor == "local"
-        and all(g.passed for g in gates)
-    ):
-        gates.append(judge_capacity(run, model_dir))
-    return gates
-
-
-def judge_capacity(run: Run, model_dir: str) -> GateResult:
-    """Sweep the candidate and the incumbent (the live artifact, when preloaded here) on one engine in one run;
-    the capacity gate and the plan go into the record."""
-    env, policy, load = run.env, run.env.gates.capacity, run.env.gates.load
-    assert policy is not None and load is not None
-    live = run.gitops.baseline(run.env_name)
-    incumbent = Path(env.cache.root) / live.artifact.id if live is not None and live.artifact is not None else None
-    present = incumbent is not None and (incumbent / CACHE_MARKER).is_file()
-    served = run.record.verify.engine if run.record.verify is not None else None  # the load step's engine
-    request = CapacityRequest(
-        model_dir=model_dir,
-        incumbent_dir=str(incumbent) if present else None,
-        gate=load,
-        policy=policy,
-        engine="vllm" if served == "vllm" else "transformers" if served else None,
-        values=serving_values(run),
-    )
-    report = run.step(request)
-    result = capacity_gate(report, policy)
-    plan = capacity_plan(report, policy, env.gpu_pool.gpus_per_replica)
-    update = {"capacity_report": report, "capacity_gate": result, "capacity_plan": plan}
-    run.record = run.record.model_copy(update=update)
-    return result
-
-
-def replica_scale(run: Run) -> dict[str, Any]:
-    """The values keys sizing the environment for the capacity plan (``capacity.write_replicas``), else none."""
-    policy, plan = run.env.gates.capacity, run.record.capacity_plan
-    if policy is None or plan is None or not policy.write_replicas:
-        return {}
-    run.gitops.sync()
-    values = run.gitops.workdir / run.env.values_file  # a missing file: the commit names it
-    return replica_changes(plan, policy, values.read_text(encoding="utf-8") if values.is_file() else "")
 
 
 def promote(
