@@ -44,7 +44,7 @@ from .containers import (
 )
 from .podrun import ContainerRun, PodRun, backoff_s, restart_policy
 from .pods import HOST_PORTS, POD_IP
-from .probes import Check, Prober, exec_check, http_check
+from .probes import Check, Prober, exec_check, http_check, tcp_check
 from .store import BY_KIND, ApiError, Obj, now_rfc3339
 
 CPU_BIND = "VLLM_CPU_OMP_THREADS_BIND"
@@ -257,18 +257,23 @@ class Kubelet:
     def _probe(self, run: PodRun, c: ContainerRun, kind: str, env: dict[str, str]) -> None:
         spec = c.spec[kind]
         check: Check
-        if "httpGet" in spec:
-            get = spec["httpGet"]
-            port = get.get("port")
+
+        def host_port(port: object) -> int:  # a container port (number or name) -> the pod's port on this host
             if isinstance(port, str) and not port.isdigit():
                 declared = [p for p in c.spec.get("ports") or [] if p.get("name") == port]
                 port = declared[0]["containerPort"] if declared else 0
-            number = int(port or 0)
-            check = http_check(run.ports.get(number, number), str(get.get("path") or "/"), get.get("scheme", "HTTP"))
+            number = int(str(port or 0))
+            return run.ports.get(number, number)
+
+        if "httpGet" in spec:
+            get = spec["httpGet"]
+            check = http_check(host_port(get.get("port")), str(get.get("path") or "/"), get.get("scheme", "HTTP"))
+        elif "tcpSocket" in spec:
+            check = tcp_check(host_port(spec["tcpSocket"].get("port")))
         elif "exec" in spec:
             argv = exec_argv(spec["exec"].get("command") or [], self.runtime, c.mounts, run.ports)
             check = exec_check(argv, env, str(run.workdir))
-        else:  # tcpSocket and grpc: not emulated, always passing
+        else:  # grpc: not emulated, always passing
             check = _always
         prober = Prober(kind, spec, check)
         c.probes[kind] = prober

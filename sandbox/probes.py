@@ -1,4 +1,5 @@
-"""Container probes run for real, each in its own thread: httpGet against the pod's host port, or exec locally.
+"""Container probes run for real, each in its own thread: httpGet or tcpSocket against the pod's host port, or exec
+locally (grpc probes are not emulated: they pass).
 
 A :class:`Prober` follows Kubernetes' rules for one probe of one container: first check after
 ``initialDelaySeconds``, then every ``periodSeconds`` (real time), each bounded by ``timeoutSeconds``; the result
@@ -11,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
+import socket
 import subprocess
 import threading
 import urllib.error
@@ -33,6 +35,19 @@ def http_check(port: int, path: str, scheme: str = "HTTP") -> Check:
         except urllib.error.HTTPError as exc:
             return 200 <= exc.code < 400
         except (OSError, ValueError):
+            return False
+
+    return check
+
+
+def tcp_check(port: int) -> Check:
+    """A TCP connect to 127.0.0.1:port; an accepted connection passes, as the kubelet's tcpSocket."""
+
+    def check(timeout_s: float) -> bool:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=timeout_s):
+                return True
+        except OSError:
             return False
 
     return check

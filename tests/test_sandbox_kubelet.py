@@ -319,6 +319,17 @@ def test_a_failing_liveness_probe_kills_and_restarts_the_container(
     until(kubelet, lambda: state(get(server, "web"))["restartCount"] == 1)
 
 
+def test_tcp_socket_probes_connect_to_the_pods_port(server: FakeApiServer, kubelet: Kubelet, clock: Clock) -> None:
+    """Readiness on the named port passes once the server listens; liveness on a port nothing listens on fails."""
+    listening = {"tcpSocket": {"port": "http"}, "periodSeconds": 1}
+    server.store.create(POD, NS, pod("tcp", [web_container(readinessProbe=listening)]))
+    assert until(kubelet, lambda: ready_pod(server, "tcp"))["status"]["phase"] == "Running"
+    closed = {"tcpSocket": {"port": 1}, "periodSeconds": 1, "failureThreshold": 2}
+    server.store.create(POD, NS, pod("closed", [web_container(livenessProbe=closed)]))
+    waiting = until(kubelet, lambda: state(get(server, "closed"))["state"].get("waiting"))
+    assert waiting["reason"] == "CrashLoopBackOff" and not is_ready(get(server, "closed"))
+
+
 def test_a_native_sidecar_starts_first_and_is_stopped_when_the_main_container_ends(
     server: FakeApiServer, kubelet: Kubelet
 ) -> None:
