@@ -24,6 +24,9 @@ os.environ.pop("PREFECT_API_URL", None)
 os.environ.pop("PREFECT_API_KEY", None)
 os.environ.pop("PREFECT_FLOWS_HEARTBEAT_FREQUENCY", None)
 os.environ.pop("PREFECT_RUNNER_HEARTBEAT_FREQUENCY", None)
+# Prefect's ephemeral server (the harness's, and each `modelctl promote` subprocess's) gets 120 s to start instead of
+# 20-30 s: on 2 busy cores it sometimes took longer, and the test failed before it ran.
+os.environ["PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS"] = "120"
 # Nothing in the tests may reach the Hub.
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["HF_DATASETS_OFFLINE"] = "1"
@@ -54,7 +57,8 @@ def prefect_harness() -> Iterator[None]:
     from prefect.settings import PREFECT_FLOWS_HEARTBEAT_FREQUENCY, temporary_settings
     from prefect.testing.utilities import prefect_test_harness
 
-    with temporary_settings({PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None}), prefect_test_harness():
+    harness = prefect_test_harness(server_startup_timeout=None)  # None: the 120 s set above
+    with temporary_settings({PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None}), harness:
         yield
 
 
