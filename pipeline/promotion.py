@@ -5,9 +5,9 @@
 
 Configuration is read once by the caller and passed typed: nothing here reads promotion.yaml, so editing it
 while a promotion runs changes nothing in that run. Everything before the commit only produces evidence;
-nothing reaches Git unless every gate passed. The decisions live here: the rejection (the gates are measured and
-judged by their kind in :mod:`pipeline.gating`), the serving format, where each step runs (:func:`pipeline.jobs.execute`), the `requires` check on
-manifest digests, and the revert of a canary that failed.
+nothing reaches Git unless every gate passed. The decisions live here: the rejection (the gates are measured
+and judged by their kind in :mod:`pipeline.gating`), the serving format, where each step runs
+(:func:`pipeline.jobs.execute`), the `requires` check on manifest digests, and the revert of a canary that failed.
 
 An orchestrator wraps the effects through :class:`Hooks`: each step (a request and the function that runs it),
 each effect (commit, canary, revert), the environment's slot, the approval and the published report. The flow
