@@ -101,7 +101,7 @@ def _run_promotion(as_json: bool, start: Callable[[], dict[str, Any]]) -> dict[s
     line per step on the terminal as it ends, and the summary; on failure the log's tail."""
     from pipeline import processes
     from pipeline.config import cache_home
-    from pipeline.promotion import PromotionReverted, listening
+    from pipeline.promotion import PromotionRejected, PromotionReverted, listening
     from pipeline.runlog import run_log
 
     # Whatever this run starts dies with it, also by kill -9: Prefect's embedded server, servers, their children.
@@ -119,7 +119,7 @@ def _run_promotion(as_json: bool, start: Callable[[], dict[str, Any]]) -> dict[s
         with listening(on_step):
             try:
                 record = start()
-            except PromotionReverted as exc:  # the summary (with the canary's timeline) before the error
+            except (PromotionRejected, PromotionReverted) as exc:  # the summary (gates, timeline) before the error
                 if not as_json:
                     for line in _summary(exc.record.model_dump(mode="json"), log.width):
                         log.print(log.fit(line))

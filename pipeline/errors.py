@@ -43,6 +43,11 @@ class TransientError(PipelineError):
     retryable = True
 
 
+class Decided(TerminalError):
+    """The promotion ended by its own decision: a gate refused the candidate, or its canary was reverted. The
+    finished record's summary says what decided, so a command shows that instead of its log's tail."""
+
+
 class NotFound(TerminalError):
     """404: the object (or the kind: a missing CRD) is not there. Callers that expect absence catch this only."""
 

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from pipeline.cache import MARKER as CACHE_MARKER
-from pipeline.errors import TerminalError
+from pipeline.errors import Decided
 from pipeline.evaluate.gate import eval_gate
 from pipeline.evaluate.report import baseline_from_record
 from pipeline.evaluate.suite import load_suite
@@ -22,6 +22,7 @@ from pipeline.steps import CapacityRequest, EvaluateRequest, LoadTestRequest, Ve
 
 if TYPE_CHECKING:
     from pipeline.promotion import Run
+    from pipeline.record import PromotionRecord
 
 
 def serving_values(run: Run) -> dict[str, Any] | None:
@@ -39,7 +40,8 @@ def verify(run: Run, model_dir: str, artifact_id: str) -> VerifyResult:
     cannot serve its format, transformers, and the record says why). A refusal rejects it: nothing is committed.
 
     Raises:
-        TerminalError: the engine refused the artifact (its own reason), or the step failed.
+        PromotionRejected: the engine refused the artifact (its own reason).
+        TerminalError: the step failed.
     """
     result: VerifyResult = run.step(VerifyRequest(artifact_dir=model_dir, values=serving_values(run)))
     served_by = result.served_by.removesuffix(" (in-process)")
@@ -50,9 +52,8 @@ def verify(run: Run, model_dir: str, artifact_id: str) -> VerifyResult:
         update = {"decision": "rejected", "reason": reason, "timings": run.timings}
         run.record = run.record.model_copy(update=update)
         run.hooks.report(run.record, run.env)
-        raise TerminalError(
-            f"{artifact_id} was rejected for {run.env_name}, nothing was committed: {reason}",
-            hint="rebuild the artifact (another recipe or backend), or fix the chart's vLLM args",
+        raise PromotionRejected(
+            run.record, artifact_id, "rebuild the artifact (another recipe or backend), or fix the chart's vLLM args"
         )
     return result
 
@@ -139,3 +140,16 @@ def replica_scale(run: Run) -> dict[str, Any]:
     run.gitops.sync()
     values = run.gitops.workdir / run.env.values_file  # a missing file: the commit names it
     return replica_changes(plan, policy, values.read_text(encoding="utf-8") if values.is_file() else "")
+
+
+class PromotionRejected(Decided):
+    """The serving engine or a gate refused the candidate and nothing was committed; ``record`` is the finished
+    record (decision ``rejected``, the gates that refused it)."""
+
+    def __init__(self, record: PromotionRecord, artifact_id: str, hint: str | None = None) -> None:
+        what = f"{artifact_id} was rejected for {record.env}, nothing was committed: {record.reason}"
+        super().__init__(what, hint=hint)
+        self.record, self.artifact_id = record, artifact_id
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (type(self), (self.record, self.artifact_id, self.hint))

@@ -25,8 +25,8 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from pipeline.config import Environment, PromotionConfig
-from pipeline.errors import TerminalError
-from pipeline.gating import judge, replica_scale, serving_values, verify
+from pipeline.errors import Decided, TerminalError
+from pipeline.gating import PromotionRejected, judge, replica_scale, serving_values, verify
 from pipeline.gitops import CommitResult, GitOps, Promotion
 from pipeline.gitops.commits import live_promotions
 from pipeline.jobs import execute
@@ -244,7 +244,7 @@ def promote(
                 update={"decision": "rejected", "reason": reason, "timings": run.timings}
             )
             hooks.report(run.record, env)
-            raise TerminalError(f"{artifact.id} was rejected for {env_name}, nothing was committed: {reason}")
+            raise PromotionRejected(run.record, artifact.id)
         promotion = Promotion(
             id=pid,
             env=env_name,
@@ -414,9 +414,12 @@ def _finish(run: Run) -> PromotionRecord:
     return run.record
 
 
-class PromotionReverted(TerminalError):
+class PromotionReverted(Decided):
     """The canary failed and the promotion was reverted; ``record`` is the finished record (with its timeline)."""
 
     def __init__(self, record: PromotionRecord) -> None:
         super().__init__(f"promotion {record.id} to {record.env} was reverted: {record.reason}")
         self.record = record
+
+    def __reduce__(self) -> tuple[Any, ...]:  # pickled with its record (Prefect may keep a flow's exception)
+        return (type(self), (self.record,))

@@ -29,6 +29,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import IO, Any
 
+from pipeline.errors import Decided
 from pipeline.secrets import redact
 
 MARKS = {"done": "✓", "passed": "✓", "succeeded": "✓", "skipped": "=", "failed": "✗", "rejected": "✗"}
@@ -162,8 +163,8 @@ def run_log(
 ) -> Iterator[RunLog]:
     """Send everything printed in the block (fd 1 and 2, this process and its children) to a new log file in
     ``directory``; yield the :class:`RunLog` that prints steps on the terminal (on stderr with ``on_stderr``, so
-    that stdout carries a command's JSON alone). On an exception the terminal shows the log's tail, then the
-    exception goes on."""
+    that stdout carries a command's JSON alone). On an exception the terminal shows the log's tail (not for a
+    :class:`~pipeline.errors.Decided` one: the command shows what decided), then the exception goes on."""
     directory.mkdir(parents=True, exist_ok=True)
     stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%S")
     path = directory / f"{name}-{stamp}-{os.getpid()}.log"
@@ -197,7 +198,7 @@ def run_log(
         # ``text`` stays open: a library that took sys.stderr inside the block (Prefect's console handler) logs
         # again at exit (its server stopping), and that belongs to the log, not to an error on a closed file.
         log.close()
-        if failed is not None and not isinstance(failed, (KeyboardInterrupt, SystemExit)):
+        if failed is not None and not isinstance(failed, (KeyboardInterrupt, SystemExit, Decided)):
             tail = log.tail()
             if tail:
                 log.print(f"the log ends with ({path}):")

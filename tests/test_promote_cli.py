@@ -173,6 +173,39 @@ def test_promote_prints_steps_and_a_summary_and_a_repeat_is_a_fast_skip(
     assert [e.promotion_id for e in entries] == [pid]  # one commit, under the original id
 
 
+REJECTED = """
+import sys
+from flows.cli import _run_promotion
+from pipeline.gates import GateResult, GateRow
+from pipeline.gating import PromotionRejected
+from pipeline.record import PromotionRecord
+
+row = GateRow(name="facts_mc acc", value=0.33, limit=">= 0.8", verdict="fail", why="0.33 is below the floor 0.8")
+gate = GateResult(gate="eval", rows=[row])
+record = PromotionRecord(id="01m8szczfkb4pgkd", env="local", decision="rejected", reason=gate.summary(),
+                         eval_gate=gate)
+
+def start():
+    print("Traceback (most recent call last): what Prefect logs on the way out")
+    raise PromotionRejected(record, "awq-w4a16-g128-0123456789abcdef")
+
+_run_promotion(False, start)
+"""
+
+
+def test_a_rejected_candidate_shows_its_summary_and_not_the_logs_tail(tmp_path: Path) -> None:
+    """A gate's refusal is a decision, not a crash: the terminal shows the decision and the gate that decided."""
+    env = {**os.environ, "MODELCTL_CACHE": str(tmp_path), "PYTHONPATH": str(ROOT), "COLUMNS": "100"}
+    result = subprocess.run(
+        [sys.executable, "-c", REJECTED], env=env, capture_output=True, text=True, timeout=120, check=False
+    )
+    lines = result.stdout.splitlines()
+    assert "PromotionRejected" in result.stderr and "was rejected for local" in result.stderr
+    assert any(line.startswith("✗ rejected: promotion 01m8szczfkb4pgkd to local") for line in lines), lines
+    assert any(line.startswith("  eval") and "eval gate fail" in line for line in lines), lines
+    assert not any("the log ends with" in line or "Traceback" in line for line in lines), lines
+
+
 @pytest.mark.slow
 def test_a_failed_promotion_shows_the_failed_step_and_the_logs_tail(tmp_path: Path, shared_cache: Path) -> None:
     site_config(tmp_path, tmp_path / "no-model", shared_cache)
@@ -182,3 +215,19 @@ def test_a_failed_promotion_shows_the_failed_step_and_the_logs_tail(tmp_path: Pa
     assert any(line.startswith("✗ resolve") for line in lines), lines
     assert any(line.startswith("the log ends with") for line in lines), lines
     assert any(line.startswith("error: ") and "no-model" in line for line in lines), lines
+
+
+def test_a_decision_pickles_with_its_record() -> None:
+    """Prefect may keep a flow's exception: a rejection or a revert comes back with its record and message."""
+    import pickle
+
+    from pipeline.gating import PromotionRejected
+    from pipeline.promotion import PromotionReverted
+    from pipeline.record import PromotionRecord
+
+    record = PromotionRecord(id="01m8szczfkb4pgkd", env="staging", decision="rejected", reason="eval gate fail")
+    rejected = pickle.loads(pickle.dumps(PromotionRejected(record, "none-0123456789abcdef", "rebuild it")))
+    assert rejected.record == record and rejected.hint == "rebuild it"
+    assert rejected.what == "none-0123456789abcdef was rejected for staging, nothing was committed: eval gate fail"
+    reverted = pickle.loads(pickle.dumps(PromotionReverted(record.model_copy(update={"decision": "reverted"}))))
+    assert reverted.record.decision == "reverted" and "was reverted: eval gate fail" in reverted.what

@@ -40,6 +40,10 @@ with run_log(Path(sys.argv[1]), name="promote") as log:
         log.step_started("evaluate")
         print("lm-eval: RuntimeError: CUDA out of memory in the evaluator")
         raise RuntimeError("evaluate failed")
+    if sys.argv[2] == "decided":
+        from pipeline.errors import Decided
+        log.step_done("evaluate", "done", 3.2, "")
+        raise Decided("the eval gate refused the candidate")
 print("after the run: on the terminal again")
 """
 
@@ -87,6 +91,13 @@ def test_a_failure_shows_the_tail_of_the_log_on_the_terminal(tmp_path: Path) -> 
     assert "  lm-eval: RuntimeError: CUDA out of memory in the evaluator" in result.stdout
     assert "Traceback" in result.stderr and "evaluate failed" in result.stderr, "the error goes on to the caller"
     assert "from a child" in log_file.read_text()
+
+
+def test_a_decision_shows_no_log_tail_the_command_shows_what_decided(tmp_path: Path) -> None:
+    result = run(tmp_path, "decided")
+    assert result.returncode == 1
+    assert "the log ends with" not in result.stdout and "grid search" not in result.stdout
+    assert "the eval gate refused the candidate" in result.stderr, "the error goes on to the caller"
 
 
 class Terminal:
