@@ -39,11 +39,20 @@ def verify(run: Run, model_dir: str, artifact_id: str) -> VerifyResult:
     """Prove the artifact loads and answers in the engine that serves the gates (vLLM; where this machine's vLLM
     cannot serve its format, transformers, and the record says why). A refusal rejects it: nothing is committed.
 
+    Where vLLM serves it, the eval suite runs against the same server once it passed (one start, not two; on a
+    cluster one Job pod): :func:`judge` takes that report.
+
     Raises:
         PromotionRejected: the engine refused the artifact (its own reason).
         TerminalError: the step failed.
     """
-    result: VerifyResult = run.step(VerifyRequest(artifact_dir=model_dir, values=serving_values(run)))
+    values, gate = serving_values(run), run.env.gates.eval
+    evaluate = None
+    if gate is not None:
+        evaluate = EvaluateRequest(
+            model_dir=model_dir, suite=gate.suite, policy=gate.policy, engine="vllm", values=values
+        )
+    result: VerifyResult = run.step(VerifyRequest(artifact_dir=model_dir, values=values, evaluate=evaluate))
     served_by = result.served_by.removesuffix(" (in-process)")
     update = {"verify": result, "served_by": served_by, "serving_fallback": result.fallback}
     run.record = run.record.model_copy(update=update)
@@ -76,8 +85,15 @@ def judge(run: Run, model_dir: str) -> list[GateResult]:
         gate = env.gates.eval
         engine = "vllm" if run.record.verify is not None and run.record.verify.engine == "vllm" else None
         values = serving_values(run)
-        asked = EvaluateRequest(model_dir=model_dir, suite=gate.suite, policy=gate.policy, engine=engine, values=values)
-        report = run.step(asked)
+        verified = run.record.verify
+        report = verified.eval_report if verified is not None else None
+        if verified is not None and report is not None:  # run by the verify step on its server: kept once
+            run.record = run.record.model_copy(update={"verify": verified.model_copy(update={"eval_report": None})})
+        else:
+            asked = EvaluateRequest(
+                model_dir=model_dir, suite=gate.suite, policy=gate.policy, engine=engine, values=values
+            )
+            report = run.step(asked)
         keep_report(run, "eval", report)
         baseline = baseline_from_record(run.gitops.baseline(run.env_name))
         result = eval_gate(report, baseline, load_suite(gate.suite), gate.policy)

@@ -17,6 +17,7 @@ import json
 import math
 import re
 import time
+from collections.abc import Callable
 from contextlib import ExitStack
 from datetime import UTC, datetime
 from pathlib import Path
@@ -27,6 +28,7 @@ from pydantic import BaseModel, Field
 
 from pipeline import vllm
 from pipeline.errors import TerminalError
+from pipeline.evaluate.report import EvalReport
 from pipeline.serve import LocalServer, local_server
 from pipeline.tinymodel import default_cache_dir
 
@@ -50,6 +52,9 @@ class VerifyResult(BaseModel):
     engine: str = "vllm"
     fallback: str | None = Field(None, description="why the artifact was not loaded in vLLM here, when it was not")
     skipped: bool = False  # true when this call found the result in the cache
+    eval_report: EvalReport | None = Field(
+        None, description="the eval suite run against the same vLLM while it served (one server start), if asked"
+    )
 
 
 def manifest_digest(artifact_dir: Path) -> str:
@@ -138,12 +143,14 @@ def verify_artifact(
     startup_timeout_s: float = 600.0,
     server: LocalServer | None = None,
     refusal_raises: bool = True,
+    while_serving: Callable[[LocalServer], None] | None = None,
 ) -> VerifyResult:
     """Load ``artifact_dir`` in vLLM with the chart's args for ``values`` and ask it a completion and logprobs.
 
     Returns the cached result (``skipped=True``) for the same bytes, vLLM release and args. A running vLLM
     ``server`` already serving ``artifact_dir`` with those args may be passed to reuse it. With
     ``refusal_raises=False`` a refusal comes back as a result with ``passed=False`` and vLLM's reason.
+    ``while_serving`` is called with the server once it passed (not on a cache hit): more work on the same start.
 
     Raises:
         TerminalError: vLLM cannot load the artifact (its own error line in the message), or cannot answer.
@@ -167,8 +174,8 @@ def verify_artifact(
         return result.model_copy(update={"skipped": True})
     started = time.perf_counter()
     now = datetime.now(UTC).isoformat(timespec="seconds")
-    try:
-        with ExitStack() as stack:
+    with ExitStack() as stack:
+        try:
             if server is None:
                 started_server = local_server(
                     artifact_dir, engine="vllm", values=values, log_dir=log_dir, startup_timeout_s=startup_timeout_s
@@ -179,22 +186,24 @@ def verify_artifact(
                 digest=digest, passed=True, served_by=server.served_by, args_sha256=args_sha, completion=text,
                 prompt_logprobs=count, startup_s=server.startup_s, verified_at=now,
             )  # fmt: skip
-    except TerminalError as exc:
-        log = getattr(exc, "log_path", None)  # the whole log: the root cause is often far above its tail
-        reason = error_line(log.read_text(encoding="utf-8", errors="replace") if log else exc.what)
-        refused = VerifyResult(
-            digest=digest, passed=False, served_by=f"vllm {version}", args_sha256=args_sha, reason=reason,
-            startup_s=round(time.perf_counter() - started, 2), verified_at=now,
-        )  # fmt: skip
-        _write(cached, refused)
-        if not refusal_raises:
-            return refused
-        tail = exc.what.split("its log ends with:", 1)[-1].strip()[-3000:]
-        raise TerminalError(
-            f"vLLM {version} cannot load {artifact_dir.name}: {reason}\nvLLM's log ends with:\n{tail}",
-            hint="the artifact is refused and nothing is promoted: rebuild it, or fix the chart's vLLM args",
-        ) from None
-    _write(cached, result)
+        except TerminalError as exc:
+            log = getattr(exc, "log_path", None)  # the whole log: the root cause is often far above its tail
+            reason = error_line(log.read_text(encoding="utf-8", errors="replace") if log else exc.what)
+            refused = VerifyResult(
+                digest=digest, passed=False, served_by=f"vllm {version}", args_sha256=args_sha, reason=reason,
+                startup_s=round(time.perf_counter() - started, 2), verified_at=now,
+            )  # fmt: skip
+            _write(cached, refused)
+            if not refusal_raises:
+                return refused
+            tail = exc.what.split("its log ends with:", 1)[-1].strip()[-3000:]
+            raise TerminalError(
+                f"vLLM {version} cannot load {artifact_dir.name}: {reason}\nvLLM's log ends with:\n{tail}",
+                hint="the artifact is refused and nothing is promoted: rebuild it, or fix the chart's vLLM args",
+            ) from None
+        _write(cached, result)
+        if while_serving is not None:
+            while_serving(server)  # its errors are its own: the artifact did load and answer
     return result
 
 

@@ -141,11 +141,15 @@ def test_the_first_version_is_promoted_through_jobs_and_comes_up_healthy(
     assert any("first version" in e.reason for e in record.rollout.steps), "nothing to compare: promoted in full"
     jobs, _ = box.store.list(BY_KIND["Job"], ENV.namespace)
     ran = {j["metadata"]["labels"]["modelctl.io/step"]: j for j in jobs}
-    assert set(ran) == {"quantize", "publish", "preload", "verify", "evaluate"}, sorted(ran)
+    # the eval suite ran in the verify Job, against its vLLM sidecar: one vLLM start for both
+    assert set(ran) == {"quantize", "publish", "preload", "verify"}, sorted(ran)
+    assert record.eval_gate is not None and record.eval_gate.passed and record.eval_report is not None
+    assert record.verify is not None and record.verify.eval_report is None, "the report is kept once, as eval_report"
+    assert "evaluate" not in record.timings
     for step, job in ran.items():
         done = {c["type"] for c in (job.get("status") or {}).get("conditions") or [] if c["status"] == "True"}
         assert done == {"Complete"}, (step, job.get("status"))
-    assert record.served_by and record.served_by.startswith("vllm"), "verify and evaluate ran beside a vLLM sidecar"
+    assert record.served_by and record.served_by.startswith("vllm"), "verify and the eval ran beside a vLLM sidecar"
     state = agree(box)
     assert state.agree, state.summary()
     assert record.artifact is not None and state.git_artifact == record.artifact.id

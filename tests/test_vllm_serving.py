@@ -108,6 +108,41 @@ def test_eval_through_vllm_agrees_with_in_process_and_passes_the_gate(
     assert result.passed, result.summary()
 
 
+def test_the_verify_step_runs_the_eval_suite_on_its_own_server_one_start_for_both(
+    good: LocalServer,
+    tiny_model: Path,
+    in_process: EvalReport,
+    smoke: Suite,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A promotion's verify step is asked for the eval suite too: one vLLM start serves both (one Job pod on a
+    cluster); the report is the same as a separate evaluation's, and the gate passes on it."""
+    from contextlib import contextmanager
+
+    from pipeline.steps import EvaluateRequest, VerifyRequest
+    from pipeline.steps import verify as verify_step
+
+    starts: list[Path] = []
+
+    @contextmanager
+    def start_once(model_dir: Path, **kwargs: object) -> Iterator[LocalServer]:
+        starts.append(Path(model_dir))
+        yield good  # the module's server stands in for the one this start would have made
+
+    def no_second_start(*args: object, **kwargs: object) -> None:
+        raise AssertionError("the evaluation must use the verify step's server, not start another")
+
+    monkeypatch.setenv("MODELCTL_CACHE", str(tmp_path))  # nothing cached: both run
+    monkeypatch.setattr("pipeline.verify.local_server", start_once)
+    monkeypatch.setattr("pipeline.evaluate.endpoint.local_server", no_second_start)
+    asked = EvaluateRequest(model_dir=str(tiny_model), suite="smoke", engine="vllm", use_cache=False)
+    result, skipped = verify_step.run(VerifyRequest(artifact_dir=str(tiny_model), evaluate=asked))
+    assert result.passed and not skipped and starts == [tiny_model.resolve()]
+    assert result.eval_report is not None and result.eval_report.metric("facts_mc", "acc,none") is not None
+    assert eval_gate(result.eval_report, in_process, smoke).passed
+
+
 def test_the_load_gate_against_vllm_adds_the_servers_view(good: LocalServer, tiny_model: Path) -> None:
     profile = LoadProfile(concurrency=2, max_requests=12, warmup_s=0, prompt_tokens=16, max_tokens=8, duration_s=300)
     report = measure(good, profile, synthetic_prompts(16, tiny_model))

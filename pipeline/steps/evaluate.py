@@ -13,7 +13,7 @@ from typing import Any, Literal
 from pipeline.config import EvalPolicy
 from pipeline.evaluate import EvalReport, LocalWeights, evaluate, load_suite
 from pipeline.progress import Progress
-from pipeline.serve import Engine
+from pipeline.serve import Engine, LocalServer
 from pipeline.steps.base import StepRequest
 
 
@@ -30,17 +30,28 @@ class EvaluateRequest(StepRequest):
 
 def run(request: EvaluateRequest, progress: Progress | None = None) -> tuple[EvalReport, bool]:
     """Raises: TerminalError (bad weights, unknown suite or task, vLLM cannot serve it), TransientError."""
-    suite = load_suite(request.suite)
     if request.engine == "vllm":
-        from pipeline.evaluate.endpoint import evaluate_served
-
-        report = evaluate_served(Path(request.model_dir), suite, values=request.values, use_cache=request.use_cache)
+        report = served(request)
         return report, report.skipped
     report = evaluate(
         LocalWeights(Path(request.model_dir)),
-        suite,
+        load_suite(request.suite),
         use_cache=request.use_cache,
         store=request.store,
         progress=progress,
     )
     return report, report.skipped
+
+
+def served(request: EvaluateRequest, server: LocalServer | None = None) -> EvalReport:
+    """The suite against vLLM serving ``request.model_dir``: ``server`` when one runs already (the verify step's),
+    else one started for it.
+
+    Raises: TerminalError (unknown suite or task, vLLM cannot serve it), TransientError (it failed mid-run).
+    """
+    from pipeline.evaluate.endpoint import evaluate_served
+
+    suite = load_suite(request.suite)
+    return evaluate_served(
+        Path(request.model_dir), suite, values=request.values, server=server, use_cache=request.use_cache
+    )

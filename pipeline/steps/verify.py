@@ -11,8 +11,12 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Literal
 
-from pipeline.serve import choose_engine
+from pydantic import Field
+
+from pipeline.evaluate.report import EvalReport
+from pipeline.serve import LocalServer, choose_engine
 from pipeline.steps.base import StepRequest
+from pipeline.steps.evaluate import EvaluateRequest, served
 from pipeline.verify import VerifyResult, verify_artifact, verify_in_process
 
 
@@ -20,14 +24,27 @@ class VerifyRequest(StepRequest):
     step: Literal["verify"] = "verify"
     artifact_dir: str
     values: dict[str, Any] | None = None  # the environment's chart values (None: the local environment's)
+    evaluate: EvaluateRequest | None = Field(
+        None, description="also run this suite against the same vLLM once it passed (one server start, not two)"
+    )
 
 
 def run(request: VerifyRequest) -> tuple[VerifyResult, bool]:
-    """Raises: TerminalError (not a model directory, no vLLM runtime), TransientError (vLLM did not come up)."""
+    """Raises: TerminalError (not a model directory, no vLLM runtime; the suite's own errors), TransientError (vLLM
+    did not come up, or failed mid-suite)."""
     artifact = Path(request.artifact_dir)
     engine, fallback = choose_engine(artifact)
     if engine == "vllm":
-        result = verify_artifact(artifact, values=request.values, refusal_raises=False)
+        asked, reports = request.evaluate, list[EvalReport]()
+
+        def evaluate_too(server: LocalServer) -> None:
+            if asked is not None:
+                reports.append(served(asked.model_copy(update={"model_dir": str(artifact), "engine": "vllm"}), server))
+
+        also = evaluate_too if asked is not None else None
+        result = verify_artifact(artifact, values=request.values, refusal_raises=False, while_serving=also)
+        if reports:
+            result = result.model_copy(update={"eval_report": reports[0]})
     else:
         result = verify_in_process(artifact, fallback or "vLLM cannot serve this artifact here")
     return result, result.skipped
