@@ -4,7 +4,8 @@
     quantize  QuantizeRequest -> Artifact         the full recipe, the source policy; a skip when built
     publish   PublishRequest  -> StoredArtifact   the bytes every environment preloads, by manifest digest
     preload   PreloadRequest  -> CacheEntry       onto the cache volume, verified against the published digest
-    verify    VerifyRequest   -> VerifyResult     the artifact loads and answers in the serving engine (vLLM)
+    verify    VerifyRequest   -> VerifyResult     the artifact loads and answers in the serving engine (vLLM);
+                                                  asked, the eval suite runs on that server too (one start)
     evaluate  EvaluateRequest -> EvalReport       the suite on the served artifact (the gate is the promotion's)
     loadtest  LoadTestRequest -> LoadReport       serve and measure, with the server's view (the SLO is the promotion's)
     capacity  CapacityRequest -> CapacityReport   candidate and incumbent swept here (the gate is the promotion's)

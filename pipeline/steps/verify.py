@@ -4,6 +4,9 @@ with the engine's own reason; the promotion then rejects the artifact and commit
 The engine is :func:`pipeline.serve.choose_engine`'s: vLLM with the chart's args for ``values``; where this
 machine's vLLM build cannot serve the artifact's format, the artifact is loaded with transformers in this process
 instead, and the result says so (``engine``, ``served_by``, ``fallback``). Cached by manifest digest either way.
+With ``evaluate``, vLLM goes on serving the artifact for the eval suite once it passed (``eval_report``): one start
+for both (on a cluster one Job pod, whose sidecar is the slowest part). A cache hit starts nothing and evaluates
+nothing: the promotion then asks the evaluate step.
 """
 
 from __future__ import annotations
