@@ -82,16 +82,14 @@ def judge(run: Run, model_dir: str) -> list[GateResult]:
     """Measure the candidate and judge it: the eval gate against Git's baseline, then (here) the latency SLO."""
     env, gates = run.env, []
     if env.gates.eval is not None:
-        gate = env.gates.eval
-        engine = "vllm" if run.record.verify is not None and run.record.verify.engine == "vllm" else None
-        values = serving_values(run)
-        verified = run.record.verify
+        gate, verified = env.gates.eval, run.record.verify
         report = verified.eval_report if verified is not None else None
         if verified is not None and report is not None:  # run by the verify step on its server: kept once
             run.record = run.record.model_copy(update={"verify": verified.model_copy(update={"eval_report": None})})
         else:
+            engine = "vllm" if verified is not None and verified.engine == "vllm" else None
             asked = EvaluateRequest(
-                model_dir=model_dir, suite=gate.suite, policy=gate.policy, engine=engine, values=values
+                model_dir=model_dir, suite=gate.suite, policy=gate.policy, engine=engine, values=serving_values(run)
             )
             report = run.step(asked)
         keep_report(run, "eval", report)

@@ -41,8 +41,8 @@ def run(request: VerifyRequest) -> tuple[VerifyResult, bool]:
         asked, reports = request.evaluate, list[EvalReport]()
 
         def evaluate_too(server: LocalServer) -> None:
-            if asked is not None:
-                reports.append(served(asked.model_copy(update={"model_dir": str(artifact), "engine": "vllm"}), server))
+            assert asked is not None  # only passed when asked
+            reports.append(served(asked.model_copy(update={"model_dir": str(artifact), "engine": "vllm"}), server))
 
         also = evaluate_too if asked is not None else None
         result = verify_artifact(artifact, values=request.values, refusal_raises=False, while_serving=also)
